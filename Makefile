@@ -1,0 +1,44 @@
+# Two commands set everything up from nothing (only Python 3.11+ and pip needed):
+#   make run    the local dev world and the sidecar
+#   make test   lint, type-check and the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: run test lint format bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Stamps re-install when pyproject.toml changes.
+$(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+$(VENV)/.test-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev,test]'
+	touch $@
+
+run: $(VENV)/.dev-installed
+	$(BIN)/sidecar dev
+
+lint: $(VENV)/.test-installed
+	$(BIN)/ruff check sidecar plugins tests bench
+	$(BIN)/ruff format --check sidecar plugins tests bench
+	$(BIN)/mypy
+
+test: $(VENV)/.test-installed
+	$(MAKE) lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+format: $(VENV)/.test-installed
+	$(BIN)/ruff format sidecar plugins tests bench
+	$(BIN)/ruff check --fix sidecar plugins tests bench
+
+bench: $(VENV)/.test-installed
+	$(BIN)/python bench/bench_server.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

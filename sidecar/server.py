@@ -1,0 +1,525 @@
+"""The aiohttp side: one application per listener, plugin lifespans, health and readiness.
+
+:class:`Runtime` is built from the validated manifest and settings and a loaded plugin manager. It
+checks every plugin's config, collects routes (refusing conflicts), and then serves: one
+``AppRunner`` per listener, each application made by :func:`create_app`. Plugin start-ups run in
+the background once the listeners are open, so ``/enclave/ready`` can say 503 while they run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import logging
+import random
+import signal
+import ssl
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pluggy
+from aiohttp import web
+
+from sidecar.config import ConfigError, Manifest, Settings
+from sidecar.context import PluginContext, Services
+from sidecar.logs import AccessLogSink, access_logger_class, event
+from sidecar.plugins import PluginError, PluginInfo, call_plugin
+from sidecar.routes import Listener, Route
+from sidecar.schema import Map, SchemaError
+
+log = logging.getLogger("sidecar.server")
+
+RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime")
+LISTENER: web.AppKey[Listener] = web.AppKey("listener", Listener)
+
+HEALTH_PATH = "/enclave/health"
+READY_PATH = "/enclave/ready"
+RESERVED_PATHS = (HEALTH_PATH, READY_PATH)
+JSON = "application/json"
+
+
+class PluginStartupError(Exception):
+    """Raise from a plugin's lifespan to fail start-up with a reason that is safe to show publicly.
+
+    Its message appears in ``/enclave/ready``. Any other exception is reported there only by type,
+    with the detail in the log.
+    """
+
+
+class Status(enum.Enum):
+    PENDING = "pending"
+    STARTING = "starting"
+    STARTED = "started"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+@dataclass
+class PluginState:
+    name: str
+    context: PluginContext
+    status: Status = Status.PENDING
+    reason: str = ""
+    generator: AsyncIterator[None] | None = field(default=None, repr=False)
+
+
+def json_error(status: int, message: str, request_id: str | None = None, **extra: Any) -> web.Response:
+    body: dict[str, Any] = {"error": message, **extra}
+    if request_id:
+        body["request_id"] = request_id
+    return web.Response(status=status, body=json.dumps(body).encode(), content_type=JSON)
+
+
+class Runtime:
+    """One sidecar: its listeners, plugins and their lifecycle."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        settings: Settings,
+        pm: pluggy.PluginManager,
+        infos: Mapping[str, PluginInfo],
+        services: Services | None = None,
+        bind_ports: Mapping[int, int] | None = None,
+    ) -> None:
+        self.manifest = manifest
+        self.settings = settings
+        self.pm = pm
+        self.infos = dict(infos)
+        self.services = services or Services()
+        self.bind_ports = dict(bind_ports or {})
+        self.listeners = self._listeners()
+        if not self.listeners:
+            raise ConfigError(manifest.path, "ingress", "the manifest declares no ingress or api listener")
+        self.schemas: dict[str, Map | None] = {}
+        self.plugins: dict[str, PluginState] = {}
+        for name in infos:
+            self.plugins[name] = PluginState(name, self._context(name))
+        self.routes: dict[Listener, list[tuple[str, Route]]] = self._collect_routes()
+        self.runners: dict[Listener, web.AppRunner] = {}
+        self.access_sink = AccessLogSink()
+        self.startup_done = asyncio.Event()
+        self._startup_task: asyncio.Task[None] | None = None
+        self._random = random.Random()  # noqa: S311 - request ids: unique, not secret, and cheap
+
+    # ------------------------------------------------------------------ building
+
+    def _listeners(self) -> list[Listener]:
+        listeners = [Listener("ingress", port) for port in self.manifest.ingress_ports]
+        if self.manifest.api_port is not None:
+            listeners.append(Listener("api", self.manifest.api_port))
+        return listeners
+
+    def _context(self, name: str) -> PluginContext:
+        entry = self.settings.plugins.get(name)
+        raw = entry.config if entry else {}
+        label = self.settings.path or "sidecar.yaml"
+        schemas = call_plugin(self.pm, name, "register_config_schema")
+        schema = schemas[0] if schemas else None
+        if schema is not None and not isinstance(schema, Map):
+            raise PluginError(name, "register_config_schema must return a sidecar.schema.Map or None")
+        self.schemas[name] = schema
+        path = f"plugins.{name}.config"
+        if schema is None:
+            if raw:
+                raise ConfigError(label, path, "this plugin takes no settings")
+            config: dict[str, Any] = {}
+        else:
+            try:
+                config = schema.check(raw, path)
+            except SchemaError as exc:
+                raise ConfigError.from_schema(label, exc) from None
+        port = entry.listen_port if entry and entry.listen_port else None
+        if port is None and self.manifest.ingress_ports:
+            port = self.manifest.ingress_ports[0]
+        return PluginContext(name, config, port, self.settings.state_dir, self.services)
+
+    def _collect_routes(self) -> dict[Listener, list[tuple[str, Route]]]:
+        routes: dict[Listener, list[tuple[str, Route]]] = {li: [] for li in self.listeners}
+        for listener in self.listeners:
+            claimed: dict[tuple[str, str], str] = {}
+            for name, state in self.plugins.items():
+                if listener.audience != "ingress" or state.context.listen_port != listener.port:
+                    continue
+                for batch in call_plugin(
+                    self.pm, name, "register_routes", listener=listener, context=state.context
+                ):
+                    for route in batch:
+                        if not isinstance(route, Route):
+                            raise PluginError(
+                                name, f"register_routes returned {route!r}, expected Route objects"
+                            )
+                        self._claim(claimed, listener, name, route)
+                        routes[listener].append((name, route))
+        return routes
+
+    @staticmethod
+    def _claim(claimed: dict[tuple[str, str], str], listener: Listener, name: str, route: Route) -> None:
+        method = route.method.upper()
+        if not route.path.startswith("/"):
+            raise PluginError(name, f"route path {route.path!r} must start with '/'")
+        if route.path in RESERVED_PATHS:
+            raise PluginError(
+                name, f"route {method} {route.path} on {listener.name} is reserved by the sidecar"
+            )
+        for (other_method, path), owner in claimed.items():
+            if (path == route.path and "*" in (method, other_method)) or (other_method, path) == (
+                method,
+                route.path,
+            ):
+                who = "itself twice" if owner == name else f"plugin {owner!r} too"
+                raise PluginError(name, f"route {method} {route.path} on {listener.name} is claimed by {who}")
+        claimed[(method, route.path)] = name
+
+    def routes_of(self, plugin: str) -> list[tuple[Listener, Route]]:
+        return [(li, r) for li, items in self.routes.items() for owner, r in items if owner == plugin]
+
+    # ------------------------------------------------------------------ readiness
+
+    def readiness(self) -> tuple[bool, dict[str, str]]:
+        report: dict[str, str] = {}
+        ready = True
+        for name, state in self.plugins.items():
+            if state.status is Status.STARTED:
+                try:
+                    reasons = call_plugin(self.pm, name, "readiness", context=state.context)
+                except Exception:
+                    log.exception("readiness hook failed", extra={"sidecar_fields": {"plugin": name}})
+                    reasons = ["readiness check failed (details in the log)"]
+                report[name] = reasons[0] if reasons else "ready"
+                ready = ready and not reasons
+            else:
+                report[name] = state.reason or state.status.value
+                ready = False
+        return ready, report
+
+    @property
+    def failed(self) -> list[str]:
+        return [n for n, s in self.plugins.items() if s.status is Status.FAILED]
+
+    # ------------------------------------------------------------------ plugin lifespans
+
+    async def _start_plugins(self) -> None:
+        try:
+            for name, state in self.plugins.items():
+                await self._start_one(name, state)
+        finally:
+            self.startup_done.set()
+
+    async def _start_one(self, name: str, state: PluginState) -> None:
+        state.status = Status.STARTING
+        event(log, logging.INFO, "plugin_starting", plugin=name)
+        try:
+            gens = call_plugin(self.pm, name, "lifespan", context=state.context)
+            if gens:
+                state.generator = gens[0]
+                if not hasattr(state.generator, "__anext__"):
+                    raise PluginError(name, "lifespan must be an async generator function with one yield")
+                await anext(state.generator)
+        except StopAsyncIteration:
+            state.status, state.reason = Status.FAILED, "failed to start: lifespan ended without yielding"
+        except PluginStartupError as exc:
+            state.status, state.reason = Status.FAILED, f"failed to start: {exc}"
+        except asyncio.CancelledError:
+            state.status, state.reason = Status.FAILED, "start-up cancelled"
+            raise
+        except Exception as exc:
+            log.error(
+                "plugin_start_failed",
+                exc_info=True,
+                extra={"sidecar_fields": {"plugin": name, "error": f"{type(exc).__name__}: {exc}"}},
+            )
+            state.status = Status.FAILED
+            state.reason = f"failed to start: {type(exc).__name__} (details in the log)"
+        else:
+            state.status = Status.STARTED
+            event(log, logging.INFO, "plugin_started", plugin=name)
+            return
+        if state.reason and "details in the log" not in state.reason:
+            event(log, logging.ERROR, "plugin_start_failed", plugin=name, error=state.reason)
+
+    async def _stop_plugins(self) -> None:
+        if self._startup_task is not None and not self._startup_task.done():
+            self._startup_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._startup_task
+        for name, state in reversed(self.plugins.items()):
+            gen, state.generator = state.generator, None
+            if gen is None:
+                continue
+            try:
+                if state.status is Status.STARTED:
+                    await anext(gen)
+                    event(
+                        log,
+                        logging.ERROR,
+                        "plugin_cleanup_failed",
+                        plugin=name,
+                        error="lifespan yielded twice",
+                    )
+                await gen.aclose()  # type: ignore[attr-defined]
+            except StopAsyncIteration:
+                event(log, logging.INFO, "plugin_stopped", plugin=name)
+            except Exception as exc:
+                log.error(
+                    "plugin_cleanup_failed",
+                    exc_info=True,
+                    extra={"sidecar_fields": {"plugin": name, "error": f"{type(exc).__name__}: {exc}"}},
+                )
+            state.status = Status.STOPPED
+
+    async def plugin_lifespans(self, app: web.Application) -> AsyncIterator[None]:
+        """cleanup_ctx of the primary application: plugins start after it serves, stop at its end."""
+        self.access_sink.start()
+        self._startup_task = asyncio.get_running_loop().create_task(self._start_plugins())
+        yield
+        await self._stop_plugins()
+        await self.access_sink.close()
+
+    # ------------------------------------------------------------------ serving
+
+    async def start(self) -> None:
+        """Open every listener, then start the plugins in the background."""
+        primary = self.listeners[0]
+        try:
+            # Secondary listeners first, so the primary's cleanup_ctx (plugin start-up) runs last.
+            for listener in [*self.listeners[1:], primary]:
+                app = create_app(self, listener, primary=listener == primary)
+                runner = web.AppRunner(
+                    app,
+                    handle_signals=False,
+                    access_log_class=access_logger_class(self.access_sink, listener.name, app[SENSITIVE]),
+                    access_log=logging.getLogger("sidecar.access") if self.settings.access_log else None,
+                    shutdown_timeout=self.settings.shutdown_timeout,
+                    max_line_size=self.settings.max_line_bytes,
+                    max_field_size=self.settings.max_field_bytes,
+                )
+                self.runners[listener] = runner
+                await runner.setup()
+                host = "127.0.0.1" if listener.audience == "api" else self.settings.listen_host
+                site = web.TCPSite(
+                    runner,
+                    host,
+                    self.bind_ports.get(listener.port, listener.port),
+                    ssl_context=self._tls(listener),
+                    reuse_address=True,
+                )
+                await site.start()
+                event(log, logging.INFO, "listening", listener=listener.name, address=self.address(listener))
+        except OSError as exc:
+            await self.stop()
+            raise ConfigError(self.manifest.path, "", f"cannot listen: {exc.strerror or exc}") from None
+
+    def _tls(self, listener: Listener) -> ssl.SSLContext | None:
+        if listener.audience != "ingress":
+            return None
+        index = self.manifest.ingress_ports.index(listener.port)
+        tls = self.manifest.ingress[index].tls
+        if tls is None:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        base = self.manifest.path.parent
+        try:
+            ctx.load_cert_chain(base / Path(tls.cert_file), base / Path(tls.key_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                self.manifest.path, f"ingress[{index}].tls", f"cannot load key pair: {exc}"
+            ) from None
+        return ctx
+
+    def address(self, listener: Listener) -> str:
+        runner = self.runners.get(listener)
+        if runner is None or not runner.addresses:
+            return ""
+        host, port = runner.addresses[0][:2]
+        return f"{host}:{port}"
+
+    def bound_port(self, manifest_port: int) -> int:
+        for listener, runner in self.runners.items():
+            if listener.port == manifest_port and runner.addresses:
+                return int(runner.addresses[0][1])
+        raise KeyError(f"no listener for port {manifest_port}")
+
+    async def stop(self) -> None:
+        """Stop listening, drain requests, then run plugin clean-ups (via the primary's cleanup_ctx)."""
+        primary = self.listeners[0]
+        for listener in [li for li in self.runners if li != primary] + [
+            li for li in self.runners if li == primary
+        ]:
+            runner = self.runners.pop(listener)
+            await runner.cleanup()
+
+    async def serve_forever(self) -> int:
+        """Run until SIGTERM/SIGINT (exit 0) or, with ``startup.on_failure: exit``, a failed start (1)."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        code = 0
+        try:
+            await self.start()
+            waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(stop.wait())}
+            if self.settings.on_startup_failure == "exit":
+                waiters.add(asyncio.ensure_future(self._wait_for_failure()))
+            _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+            if not stop.is_set():
+                code = 1
+                event(log, logging.ERROR, "startup_failed", plugins=self.failed)
+            else:
+                event(log, logging.INFO, "shutting_down")
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await self.stop()
+        event(log, logging.INFO, "stopped", exit_code=code)
+        return code
+
+    async def _wait_for_failure(self) -> None:
+        await self.startup_done.wait()
+        if not self.failed:
+            await asyncio.Event().wait()  # started fine: never fire
+
+    def new_request_id(self) -> str:
+        return f"{self._random.getrandbits(64):016x}"
+
+
+# ---------------------------------------------------------------------- the app factory
+
+SENSITIVE: web.AppKey[set[Any]] = web.AppKey("sensitive", set)
+BODY_LIMITS: web.AppKey[dict[Any, int]] = web.AppKey("body_limits", dict)
+
+
+def create_app(runtime: Runtime, listener: Listener, primary: bool = False) -> web.Application:
+    """The application for one listener: core routes, plugin routes, the middleware."""
+    settings = runtime.settings
+    limits: dict[Any, int] = {}
+    routes = runtime.routes.get(listener, [])
+    app_limit = max([settings.max_body_bytes] + [r.max_body_bytes or 0 for _, r in routes])
+    app = web.Application(middlewares=[boundary_middleware], client_max_size=app_limit)
+    app[RUNTIME] = runtime
+    app[LISTENER] = listener
+    app[SENSITIVE] = set()
+    app[BODY_LIMITS] = limits
+
+    app.router.add_get(HEALTH_PATH, handle_health)
+    app.router.add_get(READY_PATH, handle_ready)
+    for plugin, route in routes:
+        handler = gate(runtime.plugins[plugin], route)
+        added = app.router.add_route(route.method.upper(), route.path, handler, name=route.name)
+        if route.sensitive:
+            app[SENSITIVE].add(added.resource)
+        limits[added] = route.max_body_bytes or settings.max_body_bytes
+    if primary:
+        app.cleanup_ctx.append(runtime.plugin_lifespans)
+    return app
+
+
+def gate(state: PluginState, route: Route) -> Any:
+    """Answer 503 until the plugin's start-up has finished; after that, call straight through."""
+    handler = route.handler
+
+    async def gated(request: web.Request) -> web.StreamResponse:
+        if state.status is not Status.STARTED:
+            return json_error(503, f"plugin {state.name!r} is not ready", state=state.status.value)
+        return await handler(request)
+
+    return gated
+
+
+HEALTH_BODY = b'{"status":"ok"}'
+
+
+async def handle_health(request: web.Request) -> web.Response:
+    return web.Response(body=HEALTH_BODY, content_type=JSON)
+
+
+async def handle_ready(request: web.Request) -> web.Response:
+    ready, plugins = request.app[RUNTIME].readiness()
+    body = json.dumps({"ready": ready, "plugins": plugins}).encode()
+    return web.Response(status=200 if ready else 503, body=body, content_type=JSON)
+
+
+@web.middleware
+async def boundary_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Request id, body limit and error boundary in one middleware (each one costs throughput)."""
+    app = request.app
+    request_id = app[RUNTIME].new_request_id()
+    try:
+        length = request.content_length
+        if length is not None:
+            limit = body_limit(request)
+            if length > limit:
+                response: web.StreamResponse = json_error(
+                    413, f"request body too large: the limit is {limit} bytes", request_id, limit=limit
+                )
+                response.headers["X-Request-Id"] = request_id
+                return response
+        response = await handler(request)
+    except web.HTTPException as exc:
+        response = _as_json(exc, request_id, body_limit(request))
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        log.error(
+            "unhandled_error",
+            exc_info=True,
+            extra={
+                "sidecar_fields": {
+                    "request_id": request_id,
+                    "listener": app[LISTENER].name,
+                    "route": request.match_info.route.resource.canonical
+                    if request.match_info.route.resource
+                    else None,
+                    "error": type(exc).__name__,
+                }
+            },
+        )
+        response = json_error(500, "internal error", request_id)
+    response.headers["X-Request-Id"] = request_id
+    return response
+
+
+def body_limit(request: web.Request) -> int:
+    app = request.app
+    return app[BODY_LIMITS].get(request.match_info.route, app[RUNTIME].settings.max_body_bytes)
+
+
+def _as_json(exc: web.HTTPException, request_id: str, limit: int) -> web.StreamResponse:
+    """aiohttp's own errors (404, 405, 413, ...) become JSON; a plugin's custom error body is kept."""
+    extra: dict[str, Any] = {}
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        message = f"request body too large: the limit is {limit} bytes"
+        extra["limit"] = limit
+    elif exc.status < 400 or (exc.text is not None and exc.text != f"{exc.status}: {exc.reason}"):
+        return exc  # redirects, and a plugin's own error bodies, pass through untouched
+    else:
+        message = exc.reason.lower()
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        extra["allowed"] = sorted(exc.allowed_methods)
+    response = json_error(exc.status, message, request_id, **extra)
+    for name in ("Allow", "Retry-After"):
+        if name in exc.headers:
+            response.headers[name] = exc.headers[name]
+    return response
+
+
+def build_runtime(
+    manifest: Manifest,
+    settings: Settings,
+    extra_plugins: Mapping[str, object] | None = None,
+    services: Services | None = None,
+    bind_ports: Mapping[int, int] | None = None,
+) -> Runtime:
+    """Load the plugins sidecar.yaml enables (plus ``extra_plugins``) and build the runtime."""
+    from sidecar.plugins import build_plugin_manager
+
+    enabled = settings.enabled_plugins + [n for n in (extra_plugins or {}) if n not in settings.plugins]
+    pm, infos, _ = build_plugin_manager(enabled, extra_plugins)
+    return Runtime(manifest, settings, pm, infos, services=services, bind_ports=bind_ports)
