@@ -64,6 +64,10 @@ class _StrictLoader(yaml.SafeLoader):
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            raise yaml.constructor.ConstructorError(
+                None, None, "YAML merge keys (<<) are not supported", key_node.start_mark
+            )
         key = loader.construct_object(key_node, deep=deep)
         try:
             hash(key)

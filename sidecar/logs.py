@@ -139,8 +139,10 @@ def access_logger_class(
 
     class JsonAccessLogger(AbstractAccessLogger):
         def log(self, request: web.BaseRequest, response: web.StreamResponse, duration: float) -> None:
-            match = getattr(request, "match_info", None)
-            resource = match.route.resource if match is not None and match.route is not None else None
+            try:
+                resource = request.match_info.route.resource  # type: ignore[attr-defined]
+            except (AttributeError, AssertionError):  # a request aiohttp rejected before routing
+                resource = None
             path = resource.canonical if resource is not None and resource in sensitive else request.path
             rid = response.headers.get("X-Request-Id", "")
             sink.add(

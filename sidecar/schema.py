@@ -56,6 +56,8 @@ def describe(value: Any) -> str:
         return f"the string {shown!r}"
     if isinstance(value, Mapping):
         return "a mapping"
+    if isinstance(value, bytes | bytearray):
+        return "binary data"
     if isinstance(value, Sequence):
         return "a list"
     return type(value).__name__
@@ -90,7 +92,8 @@ class Str(Field):
             raise self.problem(path, "a string", value)
         if self.choices is not None and value not in self.choices:
             options = ", ".join(repr(c) for c in self.choices)
-            raise SchemaError(path, f"{value!r} is not one of {options}")
+            shown = "the value" if self.secret else repr(value)
+            raise SchemaError(path, f"{shown} is not one of {options}")
         if len(value) < self.min_len:
             raise SchemaError(path, "must not be empty" if self.min_len == 1 else "is too short")
         if self.max_len is not None and len(value) > self.max_len:
@@ -185,6 +188,9 @@ class Map(Field):
                 raise SchemaError(join(path, name), "is required")
             elif isinstance(node, Map) and not node.optional:
                 result[name] = node.check({}, join(path, name))
+            elif isinstance(node, Dict | Section):
+                # Absent or null free-form mappings are empty mappings, never None.
+                result[name] = node.check(None, join(path, name))
             else:
                 result[name] = node.default
         return result

@@ -394,6 +394,7 @@ class Runtime:
 
 SENSITIVE: web.AppKey[set[Any]] = web.AppKey("sensitive", set)
 BODY_LIMITS: web.AppKey[dict[Any, int]] = web.AppKey("body_limits", dict)
+APP_BODY_LIMIT: web.AppKey[int] = web.AppKey("app_body_limit", int)
 
 
 def create_app(runtime: Runtime, listener: Listener, primary: bool = False) -> web.Application:
@@ -407,6 +408,7 @@ def create_app(runtime: Runtime, listener: Listener, primary: bool = False) -> w
     app[LISTENER] = listener
     app[SENSITIVE] = set()
     app[BODY_LIMITS] = limits
+    app[APP_BODY_LIMIT] = app_limit
 
     app.router.add_get(HEALTH_PATH, handle_health)
     app.router.add_get(READY_PATH, handle_ready)
@@ -415,7 +417,8 @@ def create_app(runtime: Runtime, listener: Listener, primary: bool = False) -> w
         added = app.router.add_route(route.method.upper(), route.path, handler, name=route.name)
         if route.sensitive:
             app[SENSITIVE].add(added.resource)
-        limits[added] = route.max_body_bytes or settings.max_body_bytes
+        if (route.max_body_bytes or settings.max_body_bytes) != app_limit:
+            limits[added] = route.max_body_bytes or settings.max_body_bytes
     if primary:
         app.cleanup_ctx.append(runtime.plugin_lifespans)
     return app
@@ -452,15 +455,17 @@ async def boundary_middleware(request: web.Request, handler: Any) -> web.StreamR
     app = request.app
     request_id = app[RUNTIME].new_request_id()
     try:
+        limit = body_limit(request)
+        if limit != app[APP_BODY_LIMIT]:
+            # aiohttp enforces one limit per app on read; a route with a smaller one needs its own.
+            request = request.clone(client_max_size=limit)
         length = request.content_length
-        if length is not None:
-            limit = body_limit(request)
-            if length > limit:
-                response: web.StreamResponse = json_error(
-                    413, f"request body too large: the limit is {limit} bytes", request_id, limit=limit
-                )
-                response.headers["X-Request-Id"] = request_id
-                return response
+        if length is not None and length > limit:
+            response: web.StreamResponse = json_error(
+                413, f"request body too large: the limit is {limit} bytes", request_id, limit=limit
+            )
+            response.headers["X-Request-Id"] = request_id
+            return response
         response = await handler(request)
     except web.HTTPException as exc:
         response = _as_json(exc, request_id, body_limit(request))
@@ -488,7 +493,7 @@ async def boundary_middleware(request: web.Request, handler: Any) -> web.StreamR
 
 def body_limit(request: web.Request) -> int:
     app = request.app
-    return app[BODY_LIMITS].get(request.match_info.route, app[RUNTIME].settings.max_body_bytes)
+    return app[BODY_LIMITS].get(request.match_info.route, app[APP_BODY_LIMIT])
 
 
 def _as_json(exc: web.HTTPException, request_id: str, limit: int) -> web.StreamResponse:
@@ -498,7 +503,8 @@ def _as_json(exc: web.HTTPException, request_id: str, limit: int) -> web.StreamR
         message = f"request body too large: the limit is {limit} bytes"
         extra["limit"] = limit
     elif exc.status < 400 or (exc.text is not None and exc.text != f"{exc.status}: {exc.reason}"):
-        return exc  # redirects, and a plugin's own error bodies, pass through untouched
+        # Redirects, and a plugin's own error bodies, pass through untouched.
+        return web.Response(status=exc.status, reason=exc.reason, body=exc.body, headers=exc.headers)
     else:
         message = exc.reason.lower()
     if isinstance(exc, web.HTTPMethodNotAllowed):

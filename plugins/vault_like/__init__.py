@@ -27,7 +27,7 @@ def register_config_schema() -> Map:
 def register_commands(cli: click.Group) -> None:
     @cli.group("vault")
     def vault() -> None:
-        """Operator tools for the vault_like store: init, status."""
+        """Operator tools for the vault_like store."""
 
     @vault.command("init", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
     def init() -> None:
