@@ -1,0 +1,519 @@
+"""Requests/s of the sidecar's ``GET /enclave/health`` against a bare aiohttp handler, side by side.
+
+What it measures
+    Four HTTP servers, each its own process on 127.0.0.1 and loaded one at a time (so the server
+    under load has a core and the load generator the other, on a 2-core machine), all serving
+    ``GET /enclave/health`` -> ``{"status":"ok"}``:
+
+    bare            a bare ``aiohttp.web.Application`` with one handler, ``access_log=None``
+    aiohttp-log     the same bare app with aiohttp's *default* access logger at INFO, written to a
+                    file by ``logging.basicConfig`` -- what "just turn on aiohttp's access log" costs
+    sidecar         ``sidecar run`` with ``log.access: true`` (the shipped, realistic config)
+    sidecar-nolog   ``sidecar run`` with ``log.access: false``
+
+    Every server's log goes to a file in a temporary directory (never to an unread pipe). The load
+    generator is ``wrk -t1 -c50 --latency`` (``hey -z Ns -c 50`` when wrk is not installed). Rounds
+    are interleaved: each round loads every server once, in a rotated order, so drift on the machine
+    hits all of them alike. The report gives, per server, the median requests/s and p99 latency and
+    the server process's CPU time per request; the ratios against ``bare`` measured in the same run;
+    and how much CPU other processes took meanwhile (a busy machine makes every number noisy). The
+    target is sidecar/bare >= 0.9.
+
+How to run
+    .venv/bin/python bench/bench_server.py                  # 3 rounds x 5 s per server
+    .venv/bin/python bench/bench_server.py --rounds 5 --duration 10
+    .venv/bin/python bench/bench_server.py --tool hey       # force hey instead of wrk
+
+The exit code is 0 whether the target is met or not (this is a report; the last line says PASS or
+FAIL); it is 1 only when a server cannot be started or the load generator fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import http.client
+import os
+import platform
+import re
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HOST = "127.0.0.1"
+HEALTH = "/enclave/health"
+CONNECTIONS = 50
+TARGET = 0.9
+START_TIMEOUT = 20.0  # seconds for a server to answer 200 on /enclave/health
+NOISY = 0.15  # cores used by other processes during a measurement before the report warns
+STOP_TIMEOUT = 10.0  # seconds for a server to exit after SIGTERM before it is killed
+
+BIN = Path(sys.executable).parent
+PYTHON = sys.executable
+
+BARE_APP = textwrap.dedent(
+    """
+    import logging, sys
+    from aiohttp import web
+
+    BODY = b'{"status":"ok"}'
+
+    async def health(request: web.Request) -> web.Response:
+        return web.Response(body=BODY, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/enclave/health", health)
+    port, log_file = int(sys.argv[1]), sys.argv[2]
+    if log_file == "-":
+        web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+    else:
+        # aiohttp's default access logger ("aiohttp.access", the default format) at INFO, to a file.
+        logging.basicConfig(level=logging.INFO, filename=log_file)
+        web.run_app(app, host="127.0.0.1", port=port, print=None)
+    """
+)
+
+
+@dataclass
+class Server:
+    name: str
+    description: str
+    port: int
+    argv: list[str]
+    log_path: Path  # the server's stdout and stderr
+    access_path: Path | None = None  # where its access lines go (None: no access log)
+    proc: subprocess.Popen[bytes] | None = None
+    rps: list[float] = field(default_factory=list)
+    p99_ms: list[float] = field(default_factory=list)
+    cpu_us: list[float] = field(default_factory=list)  # server CPU time per request, microseconds
+    busy: list[float] = field(default_factory=list)  # server CPU time / wall time (1.0 = one full core)
+    other: list[float] = field(default_factory=list)  # cores used by everything but server and load tool
+    errors: list[str] = field(default_factory=list)
+    served: int = 0  # requests answered under load, warm-up included
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}{HEALTH}"
+
+
+@dataclass
+class LoadResult:
+    rps: float
+    p99_ms: float
+    requests: int
+    errors: str  # "" when every response was a 2xx and no socket errors were reported
+
+
+# ---------------------------------------------------------------------------- set-up
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ports the kernel reports free on 127.0.0.1 (held open together, then released)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        for s in socks:
+            s.bind((HOST, 0))
+        return [int(s.getsockname()[1]) for s in socks]
+
+
+def write_sidecar_config(directory: Path, port: int, proxy_port: int, access: bool) -> tuple[Path, Path]:
+    """A manifest with one ingress port (no api, no kms_proxy) and a sidecar.yaml with no plugins."""
+    directory.mkdir(parents=True, exist_ok=True)
+    manifest = directory / "enclaver.yaml"
+    manifest.write_text(
+        textwrap.dedent(
+            f"""\
+            version: v1
+            name: "bench"
+            target: "bench:enclave-latest"
+            sources:
+              app: "bench:latest"
+            egress:
+              proxy_port: {proxy_port}   # validated only; never opened
+            ingress:
+              - listen_port: {port}
+            """
+        )
+    )
+    settings = directory / "sidecar.yaml"
+    settings.write_text(
+        textwrap.dedent(
+            f"""\
+            listen_host: {HOST}
+            state_dir: {directory / "state"}
+            log:
+              level: info
+              access: {"true" if access else "false"}
+            plugins: {{}}
+            """
+        )
+    )
+    return manifest, settings
+
+
+def make_servers(tmp: Path) -> list[Server]:
+    ports = free_ports(6)
+    sidecar_bin = BIN / "sidecar"
+    servers = [
+        Server(
+            "bare",
+            "bare aiohttp handler, access_log=None",
+            ports[0],
+            [PYTHON, "-c", BARE_APP, str(ports[0]), "-"],
+            tmp / "bare.log",
+        ),
+        Server(
+            "aiohttp-log",
+            "bare handler + aiohttp's default access log (INFO, to a file)",
+            ports[1],
+            [PYTHON, "-c", BARE_APP, str(ports[1]), str(tmp / "aiohttp-access.log")],
+            tmp / "aiohttp-log.stderr",
+            tmp / "aiohttp-access.log",
+        ),
+    ]
+    for name, port, proxy_port, access in (
+        ("sidecar", ports[2], ports[3], True),
+        ("sidecar-nolog", ports[4], ports[5], False),
+    ):
+        manifest, settings = write_sidecar_config(tmp / name, port, proxy_port, access)
+        servers.append(
+            Server(
+                name,
+                f"sidecar run, log.access: {'true' if access else 'false'}",
+                port,
+                [str(sidecar_bin), "run", "--manifest", str(manifest), "--config", str(settings)],
+                tmp / f"{name}.stderr",
+                tmp / f"{name}.stderr" if access else None,
+            )
+        )
+    return servers
+
+
+def start(server: Server, cwd: Path) -> None:
+    with server.log_path.open("ab") as log:  # the child keeps its own descriptor
+        server.proc = subprocess.Popen(
+            server.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=cwd, start_new_session=True
+        )
+
+
+def wait_healthy(server: Server, timeout: float = START_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if server.proc is not None and server.proc.poll() is not None:
+            raise RuntimeError(f"{server.name} exited with code {server.proc.returncode}\n{tail(server)}")
+        conn = http.client.HTTPConnection(HOST, server.port, timeout=1.0)
+        try:
+            conn.request("GET", HEALTH)
+            status = conn.getresponse().status
+            if status == 200:
+                return
+            last = f"HTTP {status}"
+        except (OSError, http.client.HTTPException) as exc:
+            last = str(exc) or type(exc).__name__
+        finally:
+            conn.close()
+        time.sleep(0.1)
+    raise RuntimeError(f"{server.name} did not answer 200 on {server.url} within {timeout:.0f}s: {last}")
+
+
+def tail(server: Server, lines: int = 20) -> str:
+    try:
+        text = server.log_path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def stop(server: Server) -> None:
+    proc = server.proc
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=STOP_TIMEOUT)
+
+
+# ---------------------------------------------------------------------------- load
+
+
+def _duration_ms(value: str, unit: str) -> float:
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
+
+
+def run_tool(argv: list[str], duration: int) -> str:
+    """Run the load generator with a hard timeout; its output, or a RuntimeError quoting it."""
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr or done.stdout}".strip())
+    return done.stdout
+
+
+def run_wrk(url: str, duration: int) -> LoadResult:
+    out = run_tool(["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{duration}s", "--latency", url], duration)
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M)
+    p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M)
+    total = re.search(r"^\s*(\d+) requests in ", out, re.M)
+    if rps is None or p99 is None or total is None:
+        raise RuntimeError(f"cannot parse wrk output:\n{out}")
+    errors = [
+        m.group(0).strip()
+        for m in re.finditer(r"^\s*(Non-2xx or 3xx responses|Socket errors):.*$", out, re.M)
+    ]
+    p99_ms = _duration_ms(p99.group(1), p99.group(2))
+    return LoadResult(float(rps.group(1)), p99_ms, int(total.group(1)), "; ".join(errors))
+
+
+def run_hey(url: str, duration: int) -> LoadResult:
+    out = run_tool(["hey", "-z", f"{duration}s", "-c", str(CONNECTIONS), url], duration)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    p99 = re.search(r"99% in ([\d.]+) secs", out)
+    if rps is None or p99 is None:
+        raise RuntimeError(f"cannot parse hey output:\n{out}")
+    codes = re.findall(r"\[(\d{3})\]\s+(\d+) responses", out)
+    bad = [f"[{code}] {n}" for code, n in codes if not code.startswith("2")]
+    if "Error distribution" in out:
+        bad.append("errors reported")
+    total = sum(int(n) for _, n in codes)
+    return LoadResult(float(rps.group(1)), float(p99.group(1)) * 1000, total, "; ".join(bad))
+
+
+TOOLS = {
+    "wrk": f"wrk -t1 -c{CONNECTIONS} -d{{d}}s --latency URL",
+    "hey": f"hey -z {{d}}s -c {CONNECTIONS} URL",
+}
+
+
+def load_tool(choice: str) -> str:
+    """The load generator to use: ``choice``, or with "auto" wrk and else hey."""
+    candidates = list(TOOLS) if choice == "auto" else [choice]
+    for tool in candidates:
+        if shutil.which(tool):
+            return tool
+    raise RuntimeError(f"{' or '.join(candidates)} is not installed")
+
+
+def load(tool: str, server: Server, duration: int, record: bool = True) -> LoadResult:
+    """Load one server; with ``record``, keep its requests/s, p99 and CPU time per request."""
+    before, machine_before, tool_before = cpu_seconds(server), machine_cpu_seconds(), children_cpu_seconds()
+    result = run_wrk(server.url, duration) if tool == "wrk" else run_hey(server.url, duration)
+    after, machine_after, tool_after = cpu_seconds(server), machine_cpu_seconds(), children_cpu_seconds()
+    server.served += result.requests
+    if record:
+        server.rps.append(result.rps)
+        server.p99_ms.append(result.p99_ms)
+        server.errors.append(result.errors)
+        if before is not None and after is not None and result.requests:
+            server.cpu_us.append((after - before) * 1e6 / result.requests)
+            server.busy.append((after - before) / duration)
+            if machine_before is not None and machine_after is not None:
+                others = (machine_after - machine_before) - (after - before) - (tool_after - tool_before)
+                server.other.append(max(0.0, others) / duration)
+    return result
+
+
+def cpu_seconds(server: Server) -> float | None:
+    """User + system CPU time of the server process so far (Linux /proc), or None elsewhere."""
+    if server.proc is None:
+        return None
+    try:
+        fields = Path(f"/proc/{server.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu_seconds() -> float | None:
+    """Busy CPU time of the whole machine, all cores (Linux /proc/stat), or None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    guest = sum(values[8:10])  # guest time is already counted in user time
+    return (sum(values) - idle - guest) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    """CPU time of this process's waited-for children: the load generator runs."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def ratio_line(name: str, servers: dict[str, Server], base: str = "bare") -> tuple[float, str]:
+    num, den = servers[name], servers[base]
+    ratio = statistics.median(num.rps) / statistics.median(den.rps)
+    per_round = [a / b for a, b in zip(num.rps, den.rps, strict=True)]
+    spread = f"per round {min(per_round):.2f}..{max(per_round):.2f}"
+    return ratio, f"  {name + '/' + base:<22} {ratio:5.2f}   ({spread})"
+
+
+def report(servers: list[Server], tool: str, duration: int, rounds: int, elapsed: float) -> None:
+    by_name = {s.name: s for s in servers}
+    print()
+    print(f"{HEALTH}, {tool} -c{CONNECTIONS}, {rounds} rounds x {duration}s interleaved; median of rounds")
+    header = (
+        f"{'server':<14} {'req/s median':>12} {'min':>8} {'max':>8} {'p99 ms':>7} "
+        f"{'CPU us/req':>10} {'CPU busy':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for s in servers:
+        cpu = f"{statistics.median(s.cpu_us):>10.1f}" if s.cpu_us else f"{'n/a':>10}"
+        busy = f"{statistics.median(s.busy):>8.0%}" if s.busy else f"{'n/a':>8}"
+        print(
+            f"{s.name:<14} {statistics.median(s.rps):>12.0f} {min(s.rps):>8.0f} {max(s.rps):>8.0f} "
+            f"{statistics.median(s.p99_ms):>7.2f} {cpu} {busy}"
+        )
+    print("(CPU us/req and CPU busy: the server process's own CPU time; busy ~100% = it was the bottleneck)")
+    other = [o for s in servers for o in s.other]
+    if other:
+        print(
+            f"other processes on the machine used {statistics.median(other):.2f} cores (median), "
+            f"{max(other):.2f} (max) while loading"
+        )
+        if max(other) > NOISY:
+            print(
+                f"WARNING: more than {NOISY} of a core went to other processes during the measurements "
+                "marked * above; requests/s and ratios are noisy -- rerun on a quiet machine"
+            )
+    print()
+    print("ratios (median req/s over median req/s of bare, same run):")
+    sidecar_ratio = 0.0
+    for name in ("sidecar", "sidecar-nolog", "aiohttp-log"):
+        ratio, line = ratio_line(name, by_name)
+        if name == "sidecar":
+            sidecar_ratio = ratio
+        print(line)
+    ratio, line = ratio_line("sidecar", by_name, base="sidecar-nolog")
+    print(line + "   <- cost of the sidecar's access log")
+    problems = [f"{s.name}: {e}" for s in servers for e in s.errors if e]
+    if problems:
+        print()
+        print("load generator reported errors (these results are suspect):")
+        for p in problems:
+            print(f"  {p}")
+    print()
+    for s in servers:
+        if s.access_path is not None and s.access_path.exists():
+            lines = count_lines(s.access_path)
+            print(f"log lines written by {s.name:<14} {lines:>9}, for {s.served} requests under load")
+    print(f"total wall time {elapsed:.0f}s")
+    print()
+    verdict = "PASS" if sidecar_ratio >= TARGET else "FAIL"
+    print(f"ratio sidecar/bare = {sidecar_ratio:.2f} (target >= {TARGET}): {verdict}")
+
+
+def count_lines(path: Path) -> int:
+    with path.open("rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def aiohttp_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("aiohttp")
+    except PackageNotFoundError:
+        return "?"
+
+
+def git_revision() -> str:
+    """The commit the sidecar was measured at, "+dirty" when sidecar/ has uncommitted changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "sidecar"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (rev or "unknown") + ("+dirty" if dirty else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--duration", type=int, default=5, help="seconds of load per server per round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (each loads every server)")
+    parser.add_argument("--warmup", type=int, default=1, help="seconds of unrecorded load per server first")
+    parser.add_argument("--tool", choices=["auto", *TOOLS], default="auto", help="load generator (auto: wrk)")
+    args = parser.parse_args(argv)
+    if args.duration <= 0 or args.rounds < 1 or args.warmup < 0:
+        parser.error("--duration must be > 0, --rounds >= 1, --warmup >= 0")
+
+    try:
+        tool = load_tool(args.tool)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}  {platform.node()}  {os.cpu_count()} CPUs"
+    )
+    print(
+        f"python {platform.python_version()}  aiohttp {aiohttp_version()}  sidecar source: {git_revision()}"
+    )
+    print(f"load: {TOOLS[tool].format(d=args.duration)}")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp_name:
+        tmp = Path(tmp_name)
+        servers = make_servers(tmp)
+        try:
+            for s in servers:
+                start(s, tmp)
+            for s in servers:
+                wait_healthy(s)
+                print(f"  {s.name:<14} {s.url}  ({s.description})")
+            if args.warmup > 0:
+                for s in servers:
+                    load(tool, s, args.warmup, record=False)
+            for r in range(args.rounds):
+                order = servers[r % len(servers) :] + servers[: r % len(servers)]
+                cells = []
+                for s in order:
+                    result = load(tool, s, args.duration)
+                    noisy = "*" if s.other and s.other[-1] > NOISY else ""
+                    cells.append(f"{s.name} {result.rps:.0f}{noisy}")
+                print(f"  round {r + 1}/{args.rounds}: " + ", ".join(cells), flush=True)
+                for s in servers:
+                    if s.proc is not None and s.proc.poll() is not None:
+                        raise RuntimeError(f"{s.name} died during the run\n{tail(s)}")
+        except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("interrupted; stopping the servers", file=sys.stderr)
+            return 130
+        finally:
+            for s in servers:
+                stop(s)
+        report(servers, tool, args.duration, args.rounds, time.monotonic() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
