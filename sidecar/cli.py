@@ -98,11 +98,21 @@ def run(manifest_path: str | None, config_path: str | None, command: Sequence[st
     raise SystemExit(serve(manifest, settings))
 
 
-def serve(manifest: Manifest, settings: Settings) -> int:
+def serve(manifest: Manifest, settings: Settings, nsm_mode: str | None = None) -> int:
+    from sidecar.attestation.emulator import DevPkiError
+    from sidecar.attestation.measure import MeasureError
+    from sidecar.attestation.nsm import NsmError
+    from sidecar.bootstrap import provide_services
+    from sidecar.context import Services
     from sidecar.server import build_runtime
 
     configure(settings.log_level)
-    runtime = build_runtime(manifest, settings)
+    services = Services()
+    runtime = build_runtime(manifest, settings, services=services)  # config errors first: exit 2
+    try:
+        provide_services(services, manifest, settings, nsm_mode)
+    except (NsmError, MeasureError, DevPkiError) as exc:
+        fail(f"{exc} (set attestation.nsm in sidecar.yaml: device, emulator or off)", code=1)
     return asyncio.run(runtime.serve_forever())
 
 
@@ -111,19 +121,21 @@ def serve(manifest: Manifest, settings: Settings) -> int:
 @config_option
 @click.option("--state-dir", metavar="DIR", help="where the dev world keeps its PKI and state")
 def dev(manifest_path: str | None, config_path: str | None, state_dir: str | None) -> None:
-    """Run the sidecar against local stand-ins for AWS (the dev world), with the demo config.
+    """Run the sidecar locally, with the NSM emulator, and the demo config.
 
-    This build serves the sidecar and its plugins; the local NSM emulator, IMDSv2, attesting KMS
-    and S3 stand-ins are not part of it yet.
+    The emulator's PCRs are the measurement of this sidecar's code and config (`sidecar measure`);
+    its dev root certificate is written to STATE_DIR/dev-root.pem, for `sidecar trust --root`. The
+    IMDSv2, attesting KMS and S3 stand-ins are not part of this build yet.
     """
     manifest, settings = load_both(manifest_path, config_path)
     if state_dir:
         settings = _with_state_dir(settings, Path(state_dir))
-    click.echo(
-        "sidecar dev: the local NSM/IMDS/KMS/S3 stand-ins are not built yet; serving the sidecar alone",
-        err=True,
-    )
-    raise SystemExit(serve(manifest, settings))
+    root = settings.state_dir / "dev-root.pem"
+    port = manifest.ingress_ports[0] if manifest.ingress_ports else None
+    click.echo(f"sidecar dev: NSM emulator, dev root {root}", err=True)
+    if port is not None:
+        click.echo(f"sidecar dev: try  sidecar trust http://localhost:{port} --root {root}", err=True)
+    raise SystemExit(serve(manifest, settings, nsm_mode="emulator"))
 
 
 def _with_state_dir(settings: Settings, state_dir: Path) -> Settings:
@@ -224,10 +236,135 @@ def _later(name: str, summary: str) -> click.Command:
     return placeholder
 
 
+@cli.command()
+@click.argument("url", required=False)
+@click.option("--document", "document_path", metavar="FILE", help="verify a stored document instead of a URL")
+@click.option(
+    "--root", "root_path", metavar="PEM", help="trusted root certificate (default: the AWS Nitro root)"
+)
+@click.option("--at", "at_text", metavar="TIME", help="verify as of TIME: ISO 8601, or ms since the epoch")
+@click.option(
+    "--expect-pcr", "expect_pcrs", multiple=True, metavar="N=HEX", help="require PCR N (repeatable)"
+)
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def trust(
+    url: str | None,
+    document_path: str | None,
+    root_path: str | None,
+    at_text: str | None,
+    expect_pcrs: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Fetch a running sidecar's attestation document with a fresh nonce and verify it fully.
+
+    URL is the sidecar's ingress (http://host:8001); the document comes from
+    /enclave/attestation. Checks the ES384 signature, the certificate chain to the root, every
+    certificate's validity at the time, the nonce, the recipient-key binding and any --expect-pcr.
+    Exit code 0 verified, 1 not verified (the reason on one line), 2 usage or input error.
+    """
+    from sidecar.attestation.trust import (
+        TrustInputError,
+        check,
+        parse_expected_pcrs,
+        parse_time,
+        render_json,
+        render_text,
+    )
+    from sidecar.attestation.verify import AttestationError, load_aws_root, load_root_pem
+
+    if (url is None) == (document_path is None):
+        fail("give exactly one of URL or --document FILE")
+    try:
+        root = load_root_pem(_read_file(root_path, "--root")) if root_path else load_aws_root()
+    except AttestationError as exc:
+        fail(f"--root {root_path}: {exc}" if root_path else str(exc))
+    try:
+        document = _read_file(document_path, "--document") if document_path else None
+        report = check(
+            url=url,
+            document=document,
+            root=root,
+            at=parse_time(at_text) if at_text else None,
+            pcrs=parse_expected_pcrs(expect_pcrs),
+        )
+    except (TrustInputError, AttestationError) as exc:
+        fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(render_json(report), indent=2))
+    else:
+        click.echo(render_text(report))
+    if not report.ok:
+        click.echo(f"not verified: {report.failure}", err=True)
+        raise SystemExit(1)
+
+
+def _read_file(path: str | None, option: str) -> bytes:
+    assert path is not None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        fail(f"{option} {path}: {exc.strerror}")
+
+
+@cli.command()
+@click.option(
+    "--pcr0", metavar="HEX", help="the image measurement; pins kms:RecipientAttestation:ImageSha384"
+)
+@click.option(
+    "--pcr", "pcrs", multiple=True, metavar="N=HEX", help="pin kms:RecipientAttestation:PCRn (repeatable)"
+)
+@click.option("--principal", metavar="ARN", help="the IAM role allowed to use the key (default: any, '*')")
+@click.option("--key-arn", metavar="ARN", help="the key's ARN for Resource (default: '*', this key)")
+def policy(pcr0: str | None, pcrs: tuple[str, ...], principal: str | None, key_arn: str | None) -> None:
+    """Print a KMS key policy that only the attested enclave image can use.
+
+    Allows kms:Decrypt, kms:GenerateDataKey and kms:GenerateRandom with StringEqualsIgnoreCase
+    conditions on the attestation's measurements. With --principal, the principal's account may
+    administer the key but not use it. Use the PCRs that `enclaver build` or `sidecar measure` print.
+    """
+    from sidecar.attestation.policy import PolicyInputError, key_policy
+
+    parsed: dict[int, str] = {}
+    for item in pcrs:
+        index, sep, value = item.partition("=")
+        if not sep or not index.isdigit():
+            fail(f"--pcr {item!r}: expected N=HEX")
+        parsed[int(index)] = value
+    try:
+        document = key_policy(pcr0, parsed, principal, key_arn)
+    except PolicyInputError as exc:
+        fail(str(exc))
+    click.echo(json.dumps(document, indent=2))
+
+
+@cli.command()
+@manifest_option
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def measure(manifest_path: str | None, config_path: str | None, as_json: bool) -> None:
+    """Print the PCRs this sidecar's code and config measure to (what the emulator attests).
+
+    PCR1 covers the installed sidecar package, PCR2 the enabled plugins' code plus enclaver.yaml
+    and sidecar.yaml, and PCR0 both. Changing any byte of them changes PCR0.
+    """
+    from sidecar.attestation.measure import MeasureError
+    from sidecar.attestation.measure import measure as measure_pcrs
+    from sidecar.bootstrap import plugin_modules
+
+    manifest, settings = load_both(manifest_path, config_path)
+    try:
+        result = measure_pcrs(manifest.path, settings.path, plugin_modules(settings.enabled_plugins))
+    except MeasureError as exc:
+        fail(f"cannot measure: {exc}", code=1)
+    pcrs = {index: value.hex() for index, value in sorted(result.as_dict().items())}
+    if as_json:
+        click.echo(json.dumps({f"PCR{i}": v for i, v in pcrs.items()}, indent=2))
+        return
+    for index, value in pcrs.items():
+        click.echo(f"PCR{index} {value}")
+
+
 for _name, _summary in [
-    ("trust", "fetch and fully verify a running sidecar's attestation document"),
-    ("policy", "print a KMS key policy pinned to enclave measurements (PCRs)"),
-    ("measure", "print the PCRs this sidecar's code and config measure to"),
     ("egress", "check targets against the egress policy, or serve the egress proxy alone"),
     ("host", "run the parent-instance half: vsock egress, ingress forwarders, log stream"),
 ]:

@@ -334,6 +334,17 @@ SETTINGS_SCHEMA = Map(
             }
         ),
         "shutdown_timeout": Int(min=0, max=600, default=10, doc="seconds to drain requests"),
+        "attestation": Map(
+            fields={
+                "nsm": Str(
+                    choices=["device", "emulator", "off"],
+                    default="device",
+                    doc="the Nitro Secure Module: the real /dev/nsm, the dev emulator, or none",
+                ),
+                "device": Str(default="/dev/nsm", min_len=1),
+                "max_concurrent": Int(min=1, max=64, default=4, doc="attestation requests at once"),
+            }
+        ),
         "plugins": Dict(value=PLUGIN_ENTRY_SCHEMA, key_check=lambda k: _plugin_name_problem(k)),
     }
 )
@@ -367,6 +378,9 @@ class Settings:
     max_field_bytes: int
     on_startup_failure: str
     shutdown_timeout: int
+    nsm: str
+    nsm_device: str
+    attest_concurrency: int
     plugins: dict[str, PluginEntry]
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
@@ -397,6 +411,9 @@ def parse_settings(data: Any, path: Path | None, manifest: Manifest | None = Non
         max_field_bytes=v["limits"]["max_field_bytes"],
         on_startup_failure=v["startup"]["on_failure"],
         shutdown_timeout=v["shutdown_timeout"],
+        nsm=v["attestation"]["nsm"],
+        nsm_device=v["attestation"]["device"],
+        attest_concurrency=v["attestation"]["max_concurrent"],
         plugins={
             name: PluginEntry(name, e["enabled"], e["listen_port"], e["config"])
             for name, e in v["plugins"].items()

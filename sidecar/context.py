@@ -22,6 +22,8 @@ class ServiceNotConfigured(RuntimeError):
 class Services:
     """What the runtime provides. Each slot stays None until something fills it."""
 
+    nsm: Any = None  # sidecar.attestation.nsm.Nsm: the device or the emulator
+    recipient: Any = None  # sidecar.recipient.RecipientKey
     kms: Any = None
     aws: Callable[..., Any] | None = None
     attest: Callable[..., Awaitable[bytes]] | None = None

@@ -7,6 +7,7 @@ exactly the same way, in this project's pyproject.toml.
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -18,6 +19,10 @@ from sidecar import hookspecs
 from sidecar.schema import suggest
 
 ENTRY_POINT_GROUP = "sidecar"
+
+# Core plugins are always loaded and asked for routes on every listener. They are written against
+# the same hooks as any other plugin (the way datasette registers its defaults).
+CORE_PLUGINS = {"attestation": "sidecar.attestation.api"}
 
 
 class PluginError(Exception):
@@ -70,7 +75,14 @@ def build_plugin_manager(
     extra = dict(extra or {})
     wanted = list(available) + [n for n in extra if n not in available] if enabled is None else list(enabled)
 
+    from sidecar import __version__
+
+    for name, module in CORE_PLUGINS.items():
+        _register(pm, name, importlib.import_module(module))
+        infos[name] = PluginInfo(name, __version__, "enclave-sidecar", module)
     for name in wanted:
+        if name in CORE_PLUGINS:
+            raise PluginError(name, "is a core plugin of the sidecar; it is always loaded")
         try:
             if name in extra:
                 obj = extra[name]

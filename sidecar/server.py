@@ -27,7 +27,7 @@ from aiohttp import web
 from sidecar.config import ConfigError, Manifest, Settings
 from sidecar.context import PluginContext, Services
 from sidecar.logs import AccessLogSink, access_logger_class, event
-from sidecar.plugins import PluginError, PluginInfo, call_plugin
+from sidecar.plugins import CORE_PLUGINS, PluginError, PluginInfo, call_plugin
 from sidecar.routes import Handler, Listener, Route
 from sidecar.schema import Map, SchemaError
 
@@ -143,7 +143,10 @@ class Runtime:
         for listener in self.listeners:
             claimed: dict[tuple[str, str], str] = {}
             for name, state in self.plugins.items():
-                if listener.audience != "ingress" or state.context.listen_port != listener.port:
+                core = name in CORE_PLUGINS
+                if not core and (
+                    listener.audience != "ingress" or state.context.listen_port != listener.port
+                ):
                     continue
                 for batch in call_plugin(
                     self.pm, name, "register_routes", listener=listener, context=state.context
@@ -190,11 +193,13 @@ class Runtime:
                 except Exception:
                     log.exception("readiness hook failed", extra={"sidecar_fields": {"plugin": name}})
                     reasons = ["readiness check failed (details in the log)"]
-                report[name] = reasons[0] if reasons else "ready"
+                status = reasons[0] if reasons else "ready"
                 ready = ready and not reasons
             else:
-                report[name] = state.reason or state.status.value
+                status = state.reason or state.status.value
                 ready = False
+            if name not in CORE_PLUGINS or status != "ready":  # core plugins show up only when unwell
+                report[name] = status
         return ready, report
 
     @property

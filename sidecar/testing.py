@@ -113,6 +113,23 @@ async def run_sidecar(
         await runtime.stop()
 
 
+def emulated_services(state_dir: Path, pcrs: Mapping[int, bytes] | None = None) -> Services:
+    """Services with the NSM emulator (dev PKI in ``state_dir``) and a fresh recipient key.
+
+    Pass to ``sidecar_factory(services=...)`` to test a plugin that calls ``context.attest``.
+    The dev root certificate is at ``state_dir / "dev-root.pem"``.
+    """
+    from sidecar.attestation.emulator import DevPki, NsmEmulator
+    from sidecar.bootstrap import attest_function
+    from sidecar.recipient import RecipientKey
+
+    services = Services()
+    services.nsm = NsmEmulator(DevPki.load_or_create(state_dir), pcrs=pcrs)
+    services.recipient = RecipientKey.generate()
+    services.attest = attest_function(services.nsm, 4)
+    return services
+
+
 SidecarFactory = Callable[..., Awaitable[SidecarHarness]]
 
 try:  # plugin authors may run pytest-asyncio in strict mode: register the fixture explicitly

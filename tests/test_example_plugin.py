@@ -61,6 +61,7 @@ def write_configs(directory: Path, plugins: dict[str, Any], **settings: Any) -> 
         "egress": {"proxy_port": free_port()},
     }
     (directory / "enclaver.yaml").write_text(yaml.safe_dump(manifest))
+    settings.setdefault("attestation", {"nsm": "emulator"})  # no /dev/nsm on a test machine
     (directory / "sidecar.yaml").write_text(yaml.safe_dump({"plugins": plugins, **settings}))
     return directory / "enclaver.yaml", directory / "sidecar.yaml", ingress, api
 

@@ -38,11 +38,16 @@ class RoutePlugin:
 
 def test_only_enabled_plugins_are_loaded() -> None:
     pm, infos, broken = build_plugin_manager(["vault_like"])
-    assert list(infos) == ["vault_like"]
+    assert list(infos) == ["attestation", "vault_like"]  # core plugins are always loaded
     assert pm.get_plugin("no_fly_list") is None
     assert broken == {}
     assert infos["vault_like"].distribution == "enclave-sidecar"
     assert "register_config_schema" in hooks_of(pm, "vault_like")
+
+
+def test_core_plugins_cannot_be_enabled_twice() -> None:
+    with pytest.raises(PluginError, match="is a core plugin of the sidecar; it is always loaded"):
+        build_plugin_manager(["attestation"])
 
 
 def test_enabled_but_not_installed_names_the_plugin_and_suggests() -> None:

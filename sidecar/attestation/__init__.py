@@ -1,0 +1,1 @@
+"""Attestation: the NSM device and its emulator, COSE documents, verification, the attestation API."""
