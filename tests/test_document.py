@@ -610,6 +610,16 @@ MALFORMED: list[tuple[str, Callable[[], Any], str]] = [
         "payload.nonce: expected a byte string, got a boolean",
     ),
     (
+        "nonce undefined",
+        lambda: set_payload("nonce", cbor2.undefined),
+        "payload.nonce: expected a byte string, got undefined",
+    ),
+    (
+        "public_key simple value",
+        lambda: set_payload("public_key", cbor2.CBORSimpleValue(99)),
+        "payload.public_key: expected a byte string, got simple value 99",
+    ),
+    (
         "user_data too deep",
         lambda: set_payload("user_data", nested(20)),
         "payload: not CBOR: maximum container nesting depth",

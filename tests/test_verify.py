@@ -142,47 +142,6 @@ def test_one_flipped_byte_fails_verification(name: str, region: str) -> None:
     assert result.failure == "signature: the ES384 signature does not match the certificate's key"
 
 
-@pytest.mark.parametrize("which", ["certificate", "cabundle[3]", "cabundle[2]", "cabundle[1]"])
-def test_a_flipped_byte_in_a_certificate_fails_the_chain(which: str) -> None:
-    # The payload (and so the document signature) is unchanged; only the parsed certificate differs,
-    # as if the signature check had been skipped: the chain check alone must catch it.
-    doc = parse_document(raw(BASE))
-    if which == "certificate":
-        bad = dataclasses.replace(doc, certificate=flip(doc.certificate, len(doc.certificate) - 1))
-        issuer = "cabundle[3]"
-    else:
-        i = int(which[-2])
-        bundle = list(doc.cabundle)
-        bundle[i] = flip(bundle[i], len(bundle[i]) - 1)  # inside the certificate's signature
-        bad = dataclasses.replace(doc, cabundle=tuple(bundle))
-        issuer = "root" if i == 1 else f"cabundle[{i - 1}]"
-    result = verify_document(bad, at=doc.timestamp_datetime)
-    assert result.failure == f"chain: {which}: signature does not verify with {issuer}'s key"
-
-
-def test_a_flipped_byte_in_the_root_copy_fails_the_chain() -> None:
-    doc = parse_document(raw(BASE))
-    bundle = (flip(doc.cabundle[0], 200), *doc.cabundle[1:])
-    result = verify_document(dataclasses.replace(doc, cabundle=bundle), at=doc.timestamp_datetime)
-    assert result.failure == "chain: cabundle[0] is not the trusted root certificate"
-
-
-def test_a_reordered_or_shortened_cabundle_fails_the_chain() -> None:
-    # Threat: certificates that are each genuine but assembled into a path AWS never issued.
-    doc = parse_document(raw(BASE))
-    c = doc.cabundle
-    swapped = verify_document(
-        dataclasses.replace(doc, cabundle=(c[0], c[2], c[1], c[3])), at=doc.timestamp_datetime
-    )
-    # The regional CA (pathLen 2) now sits below the zonal one (pathLen 1).
-    assert swapped.failure == "chain: cabundle[1]: pathLen 1 does not allow the 2 CA certificates below it"
-    skipped = verify_document(
-        dataclasses.replace(doc, cabundle=(c[0], c[1], c[3])), at=doc.timestamp_datetime
-    )
-    assert skipped.failure is not None
-    assert skipped.failure.startswith("chain: cabundle[2]: not issued by cabundle[1]")
-
-
 def test_a_tagged_document_verifies_too() -> None:
     data = raw(BASE)
     tagged = cbor2.dumps(cbor2.CBORTag(18, cbor2.loads(data)))
@@ -196,7 +155,27 @@ def test_a_parsed_document_can_be_verified() -> None:
     result = verify_document(doc, at=doc.timestamp_datetime)
     assert result.ok
     assert result.document is doc
-    assert result.checks[0] == Check("parse", True, "given a parsed document")
+    assert result.checks[0] == Check("parse", True, "given a parsed document; its fields match its payload")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"pcrs": {0: bytes(48)}},
+        {"nonce": b"fresh nonce"},
+        {"certificate": b"\x30\x03\x02\x01\x01"},
+        {"cabundle": ()},
+        {"timestamp": 1},
+    ],
+    ids=lambda c: next(iter(c)),
+)
+def test_a_parsed_document_edited_after_parsing_is_refused(change: dict[str, Any]) -> None:
+    # Threat: fields changed on the parsed object (dataclasses.replace) verified as if AWS had
+    # signed them: only the payload bytes are signed, so the fields must be what they say.
+    doc = parse_document(raw(BASE))
+    result = verify_document(dataclasses.replace(doc, **change), at=doc.timestamp_datetime)
+    assert result.failure == "parse: the given document's fields do not match its signed payload"
+    assert [c.name for c in result.checks] == ["parse"]
 
 
 def test_verification_at_the_edges_of_the_leaf_validity() -> None:
@@ -429,6 +408,8 @@ def test_load_root_pem_accepts_pem_and_der_and_refuses_garbage(throwaway_root: x
         load_root_pem(b"garbage")
     with pytest.raises(VerificationError, match="not a PEM or DER certificate"):
         load_root_pem(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    # PEM with text before it, as openssl's tools write it.
+    assert load_root_pem(b"subject=CN = throwaway root\n" + pem) == throwaway_root
     # A bundle of several would silently trust only the first: refused.
     with pytest.raises(VerificationError, match="expected exactly one root certificate, found 2"):
         load_root_pem(pem + (VECTORS / "aws_nitro_root.pem").read_bytes())
@@ -824,17 +805,98 @@ def test_a_document_signed_by_another_key_fails_the_signature_check() -> None:
 
 
 def test_a_leaf_that_is_not_a_certificate_fails_the_signature_check() -> None:
-    doc = parse_document(raw(BASE))
-    result = verify_document(
-        dataclasses.replace(doc, certificate=b"\x30\x03\x02\x01\x01"), at=doc.timestamp_datetime
-    )
+    result = check_synthetic(make_pki(), certificate=b"\x30\x03\x02\x01\x01")
     assert result.failure is not None
     assert result.failure.startswith("signature: certificate is not a DER X.509 certificate")
 
 
-def test_an_inconsistent_hand_made_document_fails_without_raising() -> None:
+def test_a_hand_made_document_with_nonsense_fails_without_raising() -> None:
     # Even a document object built by hand with nonsense in it gives a result, not an exception.
     doc = parse_document(raw(BASE))
-    weird: AttestationDocument = dataclasses.replace(doc, signature=b"short")
+    weird: AttestationDocument = dataclasses.replace(doc, signature=b"short", protected="text")  # type: ignore[arg-type]
     result = verify_document(weird, at=doc.timestamp_datetime)
-    assert not result.ok and result.failure is not None and result.failure.startswith("signature: ")
+    assert result.failure is not None
+    assert result.failure.startswith("parse: the given document does not parse: COSE_Sign1 protected header")
+
+
+# The document is re-signed with the leaf key after each change below, so its signature is valid:
+# these are what an attacker holding a leaf key (or a bug that skipped the signature) could present,
+# and only the chain checks stand in the way.
+
+
+@pytest.mark.parametrize("which", ["certificate", "cabundle[3]", "cabundle[2]", "cabundle[1]"])
+def test_a_flipped_byte_in_a_certificate_fails_the_chain(which: str) -> None:
+    pki = make_pki()
+    bundle = [c.public_bytes(Encoding.DER) for c in pki.bundle]
+    leaf = pki.leaf.public_bytes(Encoding.DER)
+    if which == "certificate":
+        leaf = flip(leaf, len(leaf) - 1)  # inside its signature
+        issuer = "cabundle[3]"
+    else:
+        i = int(which[-2])
+        bundle[i] = flip(bundle[i], len(bundle[i]) - 1)
+        issuer = "root" if i == 1 else f"cabundle[{i - 1}]"
+    result = check_synthetic(pki, certificate=leaf, cabundle=bundle)
+    assert result.failure == f"chain: {which}: signature does not verify with {issuer}'s key"
+    assert [c.name for c in result.checks] == ["parse", "signature", "chain"]
+
+
+def reencoded(der: bytes) -> bytes | None:
+    """The same certificate with its signature BIT STRING claiming unused bits, if DER allows it.
+
+    DER accepts n unused bits only when the last n bits are zero, so this works when the
+    signature's last byte is even (half of all signatures).
+    """
+    cert = x509.load_der_x509_certificate(der)
+    last = cert.signature[-1]
+    if last & 1:
+        return None
+    at = len(der) - len(cert.signature) - 1
+    assert der[at] == 0
+    changed = der[:at] + bytes([1]) + der[at + 1 :]
+    # The premise: cryptography takes the changed bytes as the same certificate.
+    same = x509.load_der_x509_certificate(changed)
+    assert (same.signature, same.tbs_certificate_bytes) == (cert.signature, cert.tbs_certificate_bytes)
+    return changed
+
+
+@pytest.mark.parametrize("which", ["certificate", "cabundle[3]", "cabundle[1]"])
+def test_a_second_encoding_of_a_certificate_is_refused(which: str) -> None:
+    # Found by the fuzz tests: cryptography accepts a certificate whose signature BIT STRING claims
+    # unused bits. Same TBS, same signature bytes, different certificate bytes: refused, so that one
+    # flipped bit anywhere in a certificate always fails.
+    index = 0 if which == "certificate" else int(which[-2]) + 1
+    for _ in range(40):  # until the chosen certificate's signature ends in an even byte
+        pki = make_pki()
+        ders = [pki.leaf.public_bytes(Encoding.DER), *(c.public_bytes(Encoding.DER) for c in pki.bundle)]
+        changed = reencoded(ders[index])
+        if changed is not None:
+            break
+    else:
+        pytest.fail("no certificate with an even last signature byte in 40 tries")
+    ders[index] = changed
+    result = check_synthetic(pki, certificate=ders[0], cabundle=ders[1:])
+    assert (
+        result.failure
+        == f"chain: {which}: the signature BIT STRING is not whole octets (a non-DER re-encoding)"
+    )
+
+
+def test_a_flipped_byte_in_the_root_copy_fails_the_chain() -> None:
+    pki = make_pki()
+    bundle = [c.public_bytes(Encoding.DER) for c in pki.bundle]
+    bundle[0] = flip(bundle[0], len(bundle[0]) - 1)
+    result = check_synthetic(pki, cabundle=bundle)
+    assert result.failure == "chain: cabundle[0] is not the trusted root certificate"
+
+
+def test_a_reordered_or_shortened_cabundle_fails_the_chain() -> None:
+    # Threat: certificates that are each genuine but assembled into a path the CA never issued.
+    pki = make_pki()
+    root, ca1, ca2, ca3 = (c.public_bytes(Encoding.DER) for c in pki.bundle)
+    swapped = check_synthetic(pki, cabundle=[root, ca2, ca1, ca3])
+    # ca1 (pathLen 2) now sits below ca2 (pathLen 1), which has two CAs under it.
+    assert swapped.failure == "chain: cabundle[1]: pathLen 1 does not allow the 2 CA certificates below it"
+    skipped = check_synthetic(pki, cabundle=[root, ca1, ca3])
+    assert skipped.failure is not None
+    assert skipped.failure.startswith("chain: cabundle[2]: not issued by cabundle[1]")

@@ -21,8 +21,8 @@ from typing import Any, Final
 import cbor2
 
 MAX_DOCUMENT_SIZE: Final = 16 * 1024  # real documents are about 4.5 KB
-# Real documents nest three deep (array, payload map, pcrs map); a low limit stops deep-nesting
-# tricks before they cost anything.
+# Real documents nest two deep (the COSE array and its header map; the payload map and its pcrs map);
+# a low limit stops deep-nesting tricks before they cost anything.
 MAX_DEPTH: Final = 8
 COSE_SIGN1_TAG: Final = 18
 ALG_LABEL: Final = 1
@@ -59,7 +59,8 @@ class AttestationDocument:
     """A parsed, *not yet verified* attestation document.
 
     ``protected``, ``payload`` and ``signature`` are the exact COSE_Sign1 byte strings, so the
-    signature can be checked over what was signed. Optional fields keep what the document said:
+    signature can be checked over what was signed. ``tagged`` (CBOR tag 18 or not) and the
+    unprotected header are outside the signature. Optional fields keep what the document said:
     None when null or absent, ``b""`` when empty. ``cabundle`` is in AWS's order, root first.
     """
 
@@ -84,7 +85,7 @@ class AttestationDocument:
 
     def sig_structure(self) -> bytes:
         """The bytes the ES384 signature covers: ``["Signature1", protected, h'', payload]``."""
-        return bytes(cbor2.dumps(["Signature1", self.protected, b"", self.payload]))
+        return cbor2.dumps(["Signature1", self.protected, b"", self.payload])
 
     @property
     def timestamp_datetime(self) -> datetime:
@@ -282,6 +283,10 @@ def _kind(value: Any) -> str:
     """The CBOR name of a decoded value's type, for messages (never the value: it is untrusted)."""
     if value is None:
         return "null"
+    if value is cbor2.undefined:
+        return "undefined"
+    if isinstance(value, cbor2.CBORSimpleValue):
+        return f"simple value {value.value}"
     if isinstance(value, bool):
         return "a boolean"
     if isinstance(value, int):
