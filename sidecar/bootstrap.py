@@ -63,6 +63,13 @@ def provide_services(
     services.nsm = open_nsm(manifest, settings, nsm_mode)
     if services.nsm is not None:
         services.attest = attest_function(services.nsm, settings.attest_concurrency)
+    if settings.imds != "off":
+        from sidecar.aws.imds import ImdsClient
+        from sidecar.aws.plugin import SETUP_KEY, AwsSetup
+
+        services.extra[SETUP_KEY] = AwsSetup(
+            ImdsClient(settings.imds), region=settings.region, kms_proxy_port=manifest.kms_proxy_port
+        )
 
 
 def attest_function(nsm: Nsm, concurrency: int) -> AttestFunction:

@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -98,7 +99,7 @@ def run(manifest_path: str | None, config_path: str | None, command: Sequence[st
     raise SystemExit(serve(manifest, settings))
 
 
-def serve(manifest: Manifest, settings: Settings, nsm_mode: str | None = None) -> int:
+def serve(manifest: Manifest, settings: Settings, dev: bool = False) -> int:
     from sidecar.attestation.emulator import DevPkiError
     from sidecar.attestation.measure import MeasureError
     from sidecar.attestation.nsm import NsmError
@@ -109,10 +110,16 @@ def serve(manifest: Manifest, settings: Settings, nsm_mode: str | None = None) -
     configure(settings.log_level)
     services = Services()
     runtime = build_runtime(manifest, settings, services=services)  # config errors first: exit 2
+    if dev:
+        settings = replace(settings, imds="off")  # the dev world provides IMDS once it is up
     try:
-        provide_services(services, manifest, settings, nsm_mode)
+        provide_services(services, manifest, settings, "emulator" if dev else None)
     except (NsmError, MeasureError, DevPkiError) as exc:
         fail(f"{exc} (set attestation.nsm in sidecar.yaml: device, emulator or off)", code=1)
+    if dev:
+        from sidecar.devworld.world import run_dev_world
+
+        return asyncio.run(run_dev_world(runtime, services, manifest))
     return asyncio.run(runtime.serve_forever())
 
 
@@ -121,27 +128,22 @@ def serve(manifest: Manifest, settings: Settings, nsm_mode: str | None = None) -
 @config_option
 @click.option("--state-dir", metavar="DIR", help="where the dev world keeps its PKI and state")
 def dev(manifest_path: str | None, config_path: str | None, state_dir: str | None) -> None:
-    """Run the sidecar locally, with the NSM emulator, and the demo config.
+    """Run the sidecar against the dev world: local stand-ins that speak AWS's protocols.
 
-    The emulator's PCRs are the measurement of this sidecar's code and config (`sidecar measure`);
-    its dev root certificate is written to STATE_DIR/dev-root.pem, for `sidecar trust --root`. The
-    IMDSv2, attesting KMS and S3 stand-ins are not part of this build yet.
+    Starts the NSM emulator (PCRs = `sidecar measure` of this code and config; dev root written to
+    STATE_DIR/dev-root.pem for `sidecar trust --root`), a strict IMDSv2 server, moto's S3 and KMS
+    behind an attesting KMS front, and a KMS key (alias/dev-enclave) whose policy pins the measured
+    PCR0. Then the sidecar itself, with the KMS proxy on kms_proxy.listen_port. Ctrl-C stops all.
     """
     manifest, settings = load_both(manifest_path, config_path)
     if state_dir:
-        settings = _with_state_dir(settings, Path(state_dir))
+        settings = replace(settings, state_dir=Path(state_dir).resolve())
     root = settings.state_dir / "dev-root.pem"
     port = manifest.ingress_ports[0] if manifest.ingress_ports else None
     click.echo(f"sidecar dev: NSM emulator, dev root {root}", err=True)
     if port is not None:
         click.echo(f"sidecar dev: try  sidecar trust http://localhost:{port} --root {root}", err=True)
-    raise SystemExit(serve(manifest, settings, nsm_mode="emulator"))
-
-
-def _with_state_dir(settings: Settings, state_dir: Path) -> Settings:
-    from dataclasses import replace
-
-    return replace(settings, state_dir=state_dir.resolve())
+    raise SystemExit(serve(manifest, settings, dev=True))
 
 
 @cli.command("plugins")

@@ -334,6 +334,16 @@ SETTINGS_SCHEMA = Map(
             }
         ),
         "shutdown_timeout": Int(min=0, max=600, default=10, doc="seconds to drain requests"),
+        "aws": Map(
+            fields={
+                "imds": Str(
+                    default="http://169.254.169.254",
+                    min_len=1,
+                    doc="the instance metadata service (reached through egress), or `off`",
+                ),
+                "region": Str(doc="the AWS region; by default the one IMDS reports"),
+            }
+        ),
         "attestation": Map(
             fields={
                 "nsm": Str(
@@ -378,6 +388,8 @@ class Settings:
     max_field_bytes: int
     on_startup_failure: str
     shutdown_timeout: int
+    imds: str
+    region: str | None
     nsm: str
     nsm_device: str
     attest_concurrency: int
@@ -411,6 +423,8 @@ def parse_settings(data: Any, path: Path | None, manifest: Manifest | None = Non
         max_field_bytes=v["limits"]["max_field_bytes"],
         on_startup_failure=v["startup"]["on_failure"],
         shutdown_timeout=v["shutdown_timeout"],
+        imds=v["aws"]["imds"],
+        region=v["aws"]["region"],
         nsm=v["attestation"]["nsm"],
         nsm_device=v["attestation"]["device"],
         attest_concurrency=v["attestation"]["max_concurrent"],

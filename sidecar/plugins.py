@@ -22,7 +22,7 @@ ENTRY_POINT_GROUP = "sidecar"
 
 # Core plugins are always loaded and asked for routes on every listener. They are written against
 # the same hooks as any other plugin (the way datasette registers its defaults).
-CORE_PLUGINS = {"attestation": "sidecar.attestation.api"}
+CORE_PLUGINS = {"attestation": "sidecar.attestation.api", "aws": "sidecar.aws.plugin"}
 
 
 class PluginError(Exception):

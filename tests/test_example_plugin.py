@@ -62,6 +62,7 @@ def write_configs(directory: Path, plugins: dict[str, Any], **settings: Any) -> 
     }
     (directory / "enclaver.yaml").write_text(yaml.safe_dump(manifest))
     settings.setdefault("attestation", {"nsm": "emulator"})  # no /dev/nsm on a test machine
+    settings.setdefault("aws", {"imds": "off"})  # and no instance metadata service to reach
     (directory / "sidecar.yaml").write_text(yaml.safe_dump({"plugins": plugins, **settings}))
     return directory / "enclaver.yaml", directory / "sidecar.yaml", ingress, api
 

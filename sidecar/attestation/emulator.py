@@ -400,6 +400,7 @@ class NsmEmulator:
         if not 1 <= len(self.module_id) <= MAX_MODULE_ID or not self.module_id.isprintable():
             raise ValueError(f"module_id must be 1 to {MAX_MODULE_ID} printable characters")
         self._pki = pki
+        self.pki = pki  # public: the dev world's KMS front trusts its root
         self._clock = clock
         self._values = [ZERO_PCR] * PCR_COUNT
         self._locked = [index < BOOT_LOCKED_PCRS for index in range(PCR_COUNT)]

@@ -1,0 +1,1 @@
+"""The AWS path: IMDSv2 credentials, attested KMS, the KMS proxy, client factory."""

@@ -1,0 +1,1 @@
+"""The dev world: local stand-ins that speak AWS's real protocols."""
