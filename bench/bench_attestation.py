@@ -36,7 +36,6 @@ import itertools
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -44,6 +43,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import cbor2
+from benchlib import git_revision
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -89,24 +89,6 @@ def time_batch(call: Callable[[], object], batch: int) -> float:
         return (time.perf_counter() - start) / batch
     finally:
         gc.enable()
-
-
-def git_revision() -> str:
-    """The commit measured, "+dirty" when sidecar/ has uncommitted changes."""
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "sidecar"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (rev or "unknown") + ("+dirty" if dirty else "")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,6 +49,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchlib import git_revision
+
 HOST = "127.0.0.1"
 HEALTH = "/enclave/health"
 CONNECTIONS = 50
@@ -435,25 +437,6 @@ def aiohttp_version() -> str:
         return version("aiohttp")
     except PackageNotFoundError:
         return "?"
-
-
-def git_revision() -> str:
-    """The commit the sidecar was measured at, "+dirty" when sidecar/ has uncommitted changes."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "sidecar"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (rev or "unknown") + ("+dirty" if dirty else "")
 
 
 def main(argv: list[str] | None = None) -> int:

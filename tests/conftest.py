@@ -47,3 +47,17 @@ def plugin_site(tmp_path: Path) -> Iterator[Path]:
         for name in [m for m, mod in sys.modules.items() if str(site) in str(getattr(mod, "__file__", ""))]:
             del sys.modules[name]
         importlib.invalidate_caches()
+
+
+@pytest.fixture(scope="module")
+def moto_url() -> Iterator[str]:
+    """moto's real server (S3, KMS, ...) on a free loopback port, for the tests of one module."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()

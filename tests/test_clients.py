@@ -20,7 +20,6 @@ import pytest
 from botocore.config import Config
 from botocore.credentials import CredentialResolver, ReadOnlyCredentials
 from botocore.exceptions import NoCredentialsError
-from moto.server import ThreadedMotoServer
 
 from sidecar.aws.clients import USER_AGENT_EXTRA, ClientFactory
 
@@ -38,17 +37,6 @@ def static_session() -> botocore.session.Session:
     session = botocore.session.Session()
     session.set_credentials("sidecar-akid", "sidecar-secret", "sidecar-token")
     return session
-
-
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
 
 
 class RecordingProxy:

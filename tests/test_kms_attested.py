@@ -25,7 +25,6 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 from botocore.retries.standard import ExponentialBackoff
 from cryptography.hazmat.primitives import serialization
-from moto.server import ThreadedMotoServer
 
 from sidecar.attestation.emulator import DevPki, NsmEmulator
 from sidecar.attestation.policy import key_policy
@@ -48,15 +47,6 @@ NO_RETRY = Config(retries={"mode": "standard", "total_max_attempts": 1})
 
 
 # --- fixtures -----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,6 @@ from botocore import UNSIGNED, xform_name
 from botocore.config import Config
 from botocore.credentials import CredentialResolver
 from botocore.exceptions import ClientError
-from moto.server import ThreadedMotoServer
 
 from sidecar.aws.clients import ClientFactory
 from sidecar.aws.kms import AttestedKmsError
@@ -166,17 +165,6 @@ def loop_thread() -> Iterator[LoopThread]:
         yield thread
     finally:
         thread.close()
-
-
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
