@@ -95,6 +95,17 @@ def wait_for(url: str, status: int, proc: subprocess.Popen[str], within: float =
     raise AssertionError(f"{url} never answered {status}")
 
 
+def run_to_exit(manifest: Path, config: Path, site: Path) -> subprocess.CompletedProcess[str]:
+    """`sidecar run` that is expected to stop by itself (a failed start, a config error)."""
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", "run", "--manifest", str(manifest), "--config", str(config)],
+        env=env_with(site),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 @pytest.fixture
 def run_sidecar_process(tmp_path: Path, greeter_site: Path) -> Iterator[Any]:
     procs: list[subprocess.Popen[str]] = []
@@ -192,13 +203,7 @@ def test_failed_startup_exits_1_naming_the_plugin(tmp_path: Path, run_sidecar_pr
                    "    yield\n"},
     )  # fmt: skip
     manifest, config, _, _ = write_configs(tmp_path, {"doomed": {}})
-    proc = subprocess.run(
-        [sys.executable, "-m", "sidecar", "run", "--manifest", str(manifest), "--config", str(config)],
-        env=env_with(site),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_to_exit(manifest, config, site)
     assert proc.returncode == 1
     events = [json.loads(line) for line in proc.stderr.splitlines()]
     failed = next(e for e in events if e["event"] == "plugin_start_failed")
@@ -223,13 +228,7 @@ def test_enabled_plugin_that_fails_to_import_is_a_config_error(tmp_path: Path) -
         tmp_path / "site3", "broken", {"shattered": "import does_not_exist_anywhere\n"}
     )
     manifest, config, _, _ = write_configs(tmp_path, {"shattered": {}})
-    proc = subprocess.run(
-        [sys.executable, "-m", "sidecar", "run", "--manifest", str(manifest), "--config", str(config)],
-        env=env_with(site),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_to_exit(manifest, config, site)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: plugin 'shattered': failed to import broken_shattered: "
