@@ -155,6 +155,8 @@ def write_sidecar_config(directory: Path, port: int, proxy_port: int, access: bo
             log:
               level: info
               access: {"true" if access else "false"}
+            attestation: {{nsm: "off"}}
+            aws: {{imds: "off"}}
             plugins: {{}}
             """
         )
