@@ -22,6 +22,12 @@ EVENT_FIELDS = "sidecar_fields"
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
+def iso_ms(ms: int) -> str:
+    """Milliseconds since the epoch as ISO-8601 UTC: ``2026-11-27T21:48:35.235Z``."""
+    second, fraction = divmod(ms, 1000)
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(second))}.{fraction:03d}Z"
+
+
 class _Clock:
     """ISO-8601 UTC timestamps with milliseconds, formatted at most once per millisecond.
 
@@ -36,8 +42,7 @@ class _Clock:
         ms = int(time.time() * 1000)
         if ms != self._ms:
             self._ms = ms
-            second, fraction = divmod(ms, 1000)
-            self._text = f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(second))}.{fraction:03d}Z"
+            self._text = iso_ms(ms)
         return self._text
 
 
@@ -107,9 +112,7 @@ class AccessLogSink:
         for t, head, method, path, status, sent, duration, rid in records:
             ms = int(t * 1000)
             if ms != last_ms:
-                last_ms = ms
-                second, fraction = divmod(ms, 1000)
-                ts = f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(second))}.{fraction:03d}Z"
+                last_ms, ts = ms, iso_ms(ms)
             q = quoted.get(path)
             if q is None:
                 q = json.dumps(path, ensure_ascii=False)

@@ -399,7 +399,6 @@ class NsmEmulator:
         self.module_id = default_module_id() if module_id is None else module_id
         if not 1 <= len(self.module_id) <= MAX_MODULE_ID or not self.module_id.isprintable():
             raise ValueError(f"module_id must be 1 to {MAX_MODULE_ID} printable characters")
-        self._pki = pki
         self.pki = pki  # public: the dev world's KMS front trusts its root
         self._clock = clock
         self._values = [ZERO_PCR] * PCR_COUNT
@@ -479,7 +478,7 @@ class NsmEmulator:
             self._open()
             pcrs = {i: self._values[i] for i in range(PCR_COUNT) if self._locked[i]}
         now = self._clock()
-        key, certificate = self._pki.leaf(self.module_id, datetime.fromtimestamp(now, UTC))
+        key, certificate = self.pki.leaf(self.module_id, datetime.fromtimestamp(now, UTC))
         # Key order and null-for-absent exactly as AWS's documents (serde struct order).
         payload = cbor2.dumps(
             {
@@ -488,7 +487,7 @@ class NsmEmulator:
                 "timestamp": int(now * 1000),
                 "pcrs": pcrs,
                 "certificate": certificate.public_bytes(serialization.Encoding.DER),
-                "cabundle": list(self._pki.cabundle),
+                "cabundle": list(self.pki.cabundle),
                 "public_key": None if public_key is None else bytes(public_key),
                 "user_data": None if user_data is None else bytes(user_data),
                 "nonce": None if nonce is None else bytes(nonce),
