@@ -20,6 +20,7 @@ from sidecar.schema import (
     Bool,
     Dict,
     Field,
+    Float,
     Int,
     List,
     Map,
@@ -307,6 +308,12 @@ PLUGIN_ENTRY_SCHEMA = Map(
 )
 
 
+def _upstream_problem(value: str) -> str | None:
+    if value in ("direct", "vsock") or value.startswith("http://"):
+        return None
+    return "must be direct, vsock or http://HOST:PORT"
+
+
 SETTINGS_SCHEMA = Map(
     fields={
         "listen_host": Str(default="127.0.0.1", doc="address the listeners bind (vsock bridges to it)"),
@@ -355,9 +362,48 @@ SETTINGS_SCHEMA = Map(
                 "max_concurrent": Int(min=1, max=64, default=4, doc="attestation requests at once"),
             }
         ),
+        "network": Map(
+            doc="how bytes leave and reach the enclave (vsock inside Nitro, TCP in the dev world)",
+            fields={
+                "upstream": Str(
+                    default="direct",
+                    min_len=1,
+                    check_fn=_upstream_problem,
+                    doc="where the egress proxy sends allowed traffic: direct, vsock, or http://HOST:PORT",
+                ),
+                "parent_cid": Int(min=0, max=(1 << 32) - 1, default=3, doc="the parent's vsock CID"),
+                "egress_vsock_port": Int(min=1, max=(1 << 32) - 1, default=17002),
+                "log_vsock_port": Int(min=1, max=(1 << 32) - 1, default=17001),
+                "status_vsock_port": Int(min=1, max=(1 << 32) - 1, default=17000),
+                "vsock_ingress": Bool(
+                    default=False, doc="also accept each ingress port on vsock and bridge it to TCP"
+                ),
+                "max_tunnels": Int(min=1, max=65536, default=512, doc="concurrent egress connections"),
+                "idle_timeout": Float(min=0.1, max=86400.0, default=300.0, doc="seconds without bytes"),
+                "connect_timeout": Float(min=0.1, max=600.0, default=10.0),
+                "max_header_bytes": Int(min=1024, max=1 << 20, default=16384),
+            },
+        ),
         "plugins": Dict(value=PLUGIN_ENTRY_SCHEMA, key_check=lambda k: _plugin_name_problem(k)),
     }
 )
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    """sidecar.yaml ``network``: the egress proxy's upstream and limits, and the vsock ports."""
+
+    upstream: str = "direct"
+    parent_cid: int = 3
+    egress_vsock_port: int = 17002
+    log_vsock_port: int = 17001
+    status_vsock_port: int = 17000
+    vsock_ingress: bool = False
+    max_tunnels: int = 512
+    idle_timeout: float = 300.0
+    connect_timeout: float = 10.0
+    max_header_bytes: int = 16384
+
 
 PLUGIN_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
 
@@ -394,6 +440,7 @@ class Settings:
     nsm_device: str
     attest_concurrency: int
     plugins: dict[str, PluginEntry]
+    network: NetworkSettings = field(default_factory=NetworkSettings)
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     @property
@@ -432,6 +479,7 @@ def parse_settings(data: Any, path: Path | None, manifest: Manifest | None = Non
             name: PluginEntry(name, e["enabled"], e["listen_port"], e["config"])
             for name, e in v["plugins"].items()
         },
+        network=NetworkSettings(**v["network"]),
         raw=v,
     )
     if manifest is not None:
