@@ -13,9 +13,12 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from sidecar.attestation.nsm import Nsm, NsmDevice
-from sidecar.config import Manifest, Settings
+from sidecar.config import Manifest, NetworkSettings, Settings
 from sidecar.context import Services
 from sidecar.logs import event
+from sidecar.net.plugin import SETUP_KEY as NETWORK_KEY
+from sidecar.net.plugin import NetworkSetup
+from sidecar.net.policy import EgressPolicy
 from sidecar.plugins import installed_entry_points
 from sidecar.recipient import RecipientKey
 
@@ -63,13 +66,32 @@ def provide_services(
     services.nsm = open_nsm(manifest, settings, nsm_mode)
     if services.nsm is not None:
         services.attest = attest_function(services.nsm, settings.attest_concurrency)
+    network = network_setup(manifest, settings.network)
+    services.extra[NETWORK_KEY] = network
     if settings.imds != "off":
         from sidecar.aws.imds import ImdsClient
         from sidecar.aws.plugin import SETUP_KEY, AwsSetup
 
+        # IMDS, KMS and S3 all leave through the egress proxy: inside an enclave there is no other way.
         services.extra[SETUP_KEY] = AwsSetup(
-            ImdsClient(settings.imds), region=settings.region, kms_proxy_port=manifest.kms_proxy_port
+            ImdsClient(settings.imds, proxy=network.proxy_url),
+            region=settings.region,
+            proxy=network.proxy_url,
+            kms_proxy_port=manifest.kms_proxy_port,
         )
+
+
+def network_setup(
+    manifest: Manifest, network: NetworkSettings, extra_allow: Sequence[str] = ()
+) -> NetworkSetup:
+    """The egress policy of the manifest (plus ``extra_allow``, which only the dev world passes)."""
+    policy = EgressPolicy([*manifest.egress.allow, *extra_allow], manifest.egress.deny)
+    return NetworkSetup(
+        policy=policy,
+        proxy_port=manifest.egress.proxy_port,
+        network=network,
+        ingress_ports=manifest.ingress_ports,
+    )
 
 
 def attest_function(nsm: Nsm, concurrency: int) -> AttestFunction:

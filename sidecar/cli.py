@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 import yaml
@@ -36,8 +36,10 @@ from sidecar.logs import configure
 from sidecar.plugins import PluginError, build_plugin_manager, hooks_of
 from sidecar.schema import redact
 
+if TYPE_CHECKING:
+    from sidecar.supervise import Supervisor
+
 EXIT_USAGE = 2
-DEMO_NOTICE = "is not available in this build yet"
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
@@ -92,14 +94,28 @@ def run(manifest_path: str | None, config_path: str | None, command: Sequence[st
     Listeners open at once (GET /enclave/health answers 200); GET /enclave/ready answers 503 until
     every plugin has started. Exit code 0 after a clean shutdown, 1 when a plugin fails to start
     (with startup.on_failure: exit), 2 for config errors.
+
+    With `-- CMD ...` the sidecar also runs the app once it is ready, with HTTP(S)_PROXY and
+    AWS_KMS_ENDPOINT set, its output logged as JSON lines. SIGTERM/SIGINT go to the app (SIGKILL
+    after shutdown_timeout), and the sidecar exits with the app's exit code when the app exits
+    (128+N after signal N; 127 command not found, 126 not executable).
     """
-    if command:
-        fail(f"supervising an app (sidecar run -- CMD) {DEMO_NOTICE}")
     manifest, settings = load_both(manifest_path, config_path)
-    raise SystemExit(serve(manifest, settings))
+    supervisor = None
+    if command:
+        from sidecar.supervise import CommandError, Supervisor, resolve_command
+
+        try:
+            resolve_command(command)
+        except CommandError as exc:
+            fail(str(exc), code=exc.exit_code)
+        supervisor = Supervisor.for_app(command, manifest, settings)
+    raise SystemExit(serve(manifest, settings, supervisor=supervisor))
 
 
-def serve(manifest: Manifest, settings: Settings, dev: bool = False) -> int:
+def serve(
+    manifest: Manifest, settings: Settings, dev: bool = False, supervisor: Supervisor | None = None
+) -> int:
     from sidecar.attestation.emulator import DevPkiError
     from sidecar.attestation.measure import MeasureError
     from sidecar.attestation.nsm import NsmError
@@ -111,7 +127,10 @@ def serve(manifest: Manifest, settings: Settings, dev: bool = False) -> int:
     services = Services()
     runtime = build_runtime(manifest, settings, services=services)  # config errors first: exit 2
     if dev:
-        settings = replace(settings, imds="off")  # the dev world provides IMDS once it is up
+        # The dev world provides IMDS once it is up; there is no parent on vsock, so egress goes
+        # straight out (still under the manifest's policy) and ingress is plain TCP.
+        network = replace(settings.network, upstream="direct", vsock_ingress=False)
+        settings = replace(settings, imds="off", network=network)
     try:
         provide_services(services, manifest, settings, "emulator" if dev else None)
     except (NsmError, MeasureError, DevPkiError) as exc:
@@ -120,7 +139,7 @@ def serve(manifest: Manifest, settings: Settings, dev: bool = False) -> int:
         from sidecar.devworld.world import run_dev_world
 
         return asyncio.run(run_dev_world(runtime, services, manifest))
-    return asyncio.run(runtime.serve_forever())
+    return asyncio.run(runtime.serve_forever(supervisor))
 
 
 @cli.command()
@@ -227,15 +246,6 @@ def config_command(manifest_path: str | None, config_path: str | None, redacted:
         click.echo(json.dumps(dump, indent=2))
     else:
         click.echo(yaml.safe_dump(dump, sort_keys=False), nl=False)
-
-
-def _later(name: str, summary: str) -> click.Command:
-    @click.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-    def placeholder() -> None:
-        fail(f"`sidecar {name}` {DEMO_NOTICE}: {summary}")
-
-    placeholder.help = f"{summary[0].upper()}{summary[1:]}. ({DEMO_NOTICE.capitalize()}; exits 2.)"
-    return placeholder
 
 
 @cli.command()
@@ -366,15 +376,26 @@ def measure(manifest_path: str | None, config_path: str | None, as_json: bool) -
         click.echo(f"PCR{index} {value}")
 
 
-for _name, _summary in [
-    ("egress", "check targets against the egress policy, or serve the egress proxy alone"),
-    ("host", "run the parent-instance half: vsock egress, ingress forwarders, log stream"),
-]:
-    cli.add_command(_later(_name, _summary))
+@cli.group()
+def egress() -> None:
+    """The egress policy and proxy: check a target before you build, or run the proxy alone.
+
+    \b
+      sidecar egress check kms.us-east-1.amazonaws.com:443
+      sidecar egress serve --upstream direct
+    """
 
 
 def build_cli() -> click.Group:
     """The root group with every installed plugin's commands added (a broken plugin is skipped)."""
+    # Imported here: these modules import helpers from this one.
+    from sidecar.host.command import host
+    from sidecar.net.check_command import check
+    from sidecar.net.serve_command import serve as serve_egress
+
+    egress.add_command(check)
+    egress.add_command(serve_egress)
+    cli.add_command(host)
     pm, _, broken = build_plugin_manager(None, tolerate_errors=True)
     for name, problem in broken.items():
         logging.getLogger("sidecar.cli").debug("plugin %s skipped for commands: %s", name, problem)

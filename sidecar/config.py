@@ -158,6 +158,13 @@ def _image_ref(value: str) -> str | None:
 def _egress_rule(value: str) -> str | None:
     if not value.strip() or value.strip() != value:
         return "must be a non-empty rule without surrounding spaces"
+    # Imported here to keep loading sidecar.config light; only manifests with egress rules need it.
+    from sidecar.net.policy import PolicyError, parse_rule
+
+    try:
+        parse_rule(value)
+    except PolicyError as exc:
+        return f"{value!r}: {exc}"
     return None
 
 

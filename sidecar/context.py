@@ -29,6 +29,13 @@ class Services:
     attest: Callable[..., Awaitable[bytes]] | None = None
     http: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Called as listener(status, **fields) when the sidecar's status changes: starting, ready,
+    # fatal, stopping, exited (with code). The vsock status stream is one such listener.
+    status_listeners: list[Callable[..., None]] = field(default_factory=list)
+
+    def announce(self, status: str, **fields: Any) -> None:
+        for listener in list(self.status_listeners):
+            listener(status, **fields)
 
 
 def _missing(what: str) -> ServiceNotConfigured:

@@ -13,10 +13,12 @@ import json
 import logging
 import sys
 import time
-from typing import IO, Any
+from math import floor
+from typing import IO, Any, Final
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from multidict import istr
 
 EVENT_FIELDS = "sidecar_fields"
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -25,7 +27,15 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
 def iso_ms(ms: int) -> str:
     """Milliseconds since the epoch as ISO-8601 UTC: ``2026-11-27T21:48:35.235Z``."""
     second, fraction = divmod(ms, 1000)
-    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(second))}.{fraction:03d}Z"
+    return f"{iso_second(second)}{_MS_SUFFIX[fraction]}"
+
+
+def iso_second(second: int) -> str:
+    """Seconds since the epoch as ISO-8601 UTC without the fraction: ``2026-11-27T21:48:35``."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
+_MS_SUFFIX = tuple(f".{ms:03d}Z" for ms in range(1000))
 
 
 class _Clock:
@@ -90,45 +100,71 @@ def event(logger: logging.Logger, level: int, name: str, /, **fields: Any) -> No
         logger.log(level, name, extra={EVENT_FIELDS: fields})
 
 
+# The response header that carries the request id. An ``istr`` skips case-folding on every lookup.
+REQUEST_ID_HEADER: Final = istr("X-Request-Id")
+# One access record, captured on the request path and rendered at flush time:
+# (time.time(), listener head, method, path, status, bytes sent, duration in seconds, request id).
+AccessRecord = tuple[float, str, str, str, int, int, float, str]
+_CACHE = 4096  # entries per rendering cache
+
+
 class AccessLogSink:
     """Collects access records and writes them as JSON lines in batches (on a timer and at shutdown).
 
     A record is a tuple captured on the request path; turning it into JSON happens at flush time,
-    so a request pays only for a tuple and an append.
+    so a request pays only for a tuple and an append. ``records`` is always the same list (flush
+    empties it in place), so a logger may hold its bound ``append``.
     """
 
     def __init__(self, stream: IO[str] | None = None, batch: int = 256, interval: float = 0.25) -> None:
         self.stream = stream
         self.batch = batch
         self.interval = interval
-        self.records: list[tuple[Any, ...]] = []
-        self._quoted: dict[str, str] = {}  # paths repeat; quote each once
+        self.records: list[AccessRecord] = []
+        # Rendering caches, bounded (paths come from clients): a path quoted for JSON, a status as text.
+        self._quoted: dict[str, str] = {}
+        self._statuses: dict[int, str] = {}
+        self._second, self._second_text = -1, ""
         self._task: asyncio.Task[None] | None = None
 
-    def render(self, records: list[tuple[Any, ...]]) -> str:
-        quoted = self._quoted
-        lines = []
-        last_ms, ts = -1, ""
+    def render(self, records: list[AccessRecord]) -> str:
+        quoted, statuses = self._quoted, self._statuses
+        lines: list[str] = []
+        add = lines.append
+        # Under load many records share a millisecond: comparing floats against its bounds is far
+        # cheaper than converting each time. The date and time text is formatted once a second.
+        start = end = -1.0
+        ts = ""
         for t, head, method, path, status, sent, duration, rid in records:
-            ms = int(t * 1000)
-            if ms != last_ms:
-                last_ms, ts = ms, iso_ms(ms)
+            if not start <= t < end:
+                ms = floor(t * 1000)
+                start, end = ms / 1000, (ms + 1) / 1000
+                second, fraction = divmod(ms, 1000)
+                if second != self._second:
+                    self._second, self._second_text = second, iso_second(second)
+                ts = self._second_text + _MS_SUFFIX[fraction]
             q = quoted.get(path)
             if q is None:
                 q = json.dumps(path, ensure_ascii=False)
-                if len(quoted) < 4096:
+                if len(quoted) < _CACHE:
                     quoted[path] = q
+            code = statuses.get(status)
+            if code is None:
+                code = str(status)
+                if len(statuses) < _CACHE:
+                    statuses[status] = code
             # The method is an HTTP token (no quotes or backslashes): safe in JSON as it is.
-            lines.append(
-                f'{{"ts":"{ts}",{head}"method":"{method}","path":{q},"status":{status},'
-                f'"bytes_sent":{sent},"us":{int(duration * 1e6)},"request_id":"{rid}"}}\n'
+            add(
+                f'{{"ts":"{ts}",{head}"method":"{method}","path":{q},"status":{code},'
+                f'"bytes_sent":{sent},"us":{floor(duration * 1e6)},"request_id":"{rid}"}}\n'
             )
         return "".join(lines)
 
     def flush(self) -> None:
         if not self.records:
             return
-        records, self.records = self.records, []
+        records = self.records.copy()
+        self.records.clear()
         stream = self.stream or sys.stderr
         try:
             stream.write(self.render(records))
@@ -161,10 +197,14 @@ def access_logger_class(
 
     Query strings are never written. For routes marked sensitive, the route's pattern is written
     instead of the concrete path, so a passenger name or secret path never reaches the log.
-    This runs on every request: it only captures a tuple (see :class:`AccessLogSink`).
+    This runs on every request: it only captures a tuple (see :class:`AccessLogSink`); the request
+    id is read back from the response header the route wrapper set (``""`` for a response aiohttp
+    made itself, such as a 400 for a malformed request).
     """
     head = f'"level":"info","logger":"sidecar.access","event":"access","listener":{json.dumps(listener)},'
     now = time.time
+    records = sink.records
+    append = records.append
 
     class JsonAccessLogger(AbstractAccessLogger):
         def log(self, request: web.BaseRequest, response: web.StreamResponse, duration: float) -> None:
@@ -176,8 +216,7 @@ def access_logger_class(
                     resource = None
                 if resource is not None and resource in sensitive:
                     path = resource.canonical
-            records = sink.records
-            records.append(
+            append(
                 (
                     now(),
                     head,
@@ -186,7 +225,7 @@ def access_logger_class(
                     response.status,
                     response.body_length,
                     duration,
-                    response.headers.get("X-Request-Id", ""),
+                    response.headers.get(REQUEST_ID_HEADER, ""),
                 )
             )
             if len(records) >= sink.batch:

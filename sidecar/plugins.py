@@ -22,7 +22,12 @@ ENTRY_POINT_GROUP = "sidecar"
 
 # Core plugins are always loaded and asked for routes on every listener. They are written against
 # the same hooks as any other plugin (the way datasette registers its defaults).
-CORE_PLUGINS = {"attestation": "sidecar.attestation.api", "aws": "sidecar.aws.plugin"}
+# Order matters: the network (egress proxy) starts before AWS, whose traffic leaves through it.
+CORE_PLUGINS = {
+    "attestation": "sidecar.attestation.api",
+    "network": "sidecar.net.plugin",
+    "aws": "sidecar.aws.plugin",
+}
 
 
 class PluginError(Exception):

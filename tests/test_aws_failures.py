@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -89,12 +90,68 @@ async def test_s3_client_errors_are_not_retried(aiohttp_server: Any) -> None:
     assert flaky.requests == 1
 
 
+def _run_until_event(
+    tmp_path: Path, manifest: Path, config: Path, port: int, name: str
+) -> list[dict[str, Any]]:
+    """Run ``sidecar run`` until /enclave/ready is 503 and the log holds event ``name``; its events."""
+    log = (tmp_path / "sidecar.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "run", "--manifest", str(manifest), "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                status, body = get(f"http://127.0.0.1:{port}/enclave/ready")
+                if status == 503 and f'"{name}"' in (tmp_path / "sidecar.log").read_text():
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        assert proc.poll() is None  # still running
+        assert json.loads(body) == {"ready": False, "plugins": {"aws": "starting"}}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+    assert proc.returncode == 0
+    return [json.loads(x) for x in (tmp_path / "sidecar.log").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_imds_outside_the_egress_policy_is_refused_by_the_proxy(tmp_path: Path) -> None:
+    # Threat: the sidecar's own AWS traffic bypassing the measured egress policy. IMDS requests go
+    # through the egress proxy like everything else; a manifest that does not allow the IMDS address
+    # leaves the sidecar without credentials, and the log names the policy as the reason.
+    imds_port = free_port()
+    listener = socket.create_server(("127.0.0.1", imds_port))  # would accept, if anything got here
+    listener.settimeout(0.1)
+    try:
+        manifest, config, port, _ = write_configs(
+            tmp_path, {}, allow=["kms.*.amazonaws.com"], aws={"imds": f"http://127.0.0.1:{imds_port}"}
+        )
+        events = _run_until_event(tmp_path, manifest, config, port, "imds_unavailable")
+        with pytest.raises(TimeoutError):
+            listener.accept()  # the proxy refused before connecting
+    finally:
+        listener.close()
+    failures = [e for e in events if e["event"] == "imds_unavailable"]
+    assert "HTTP 403: blocked by egress policy" in failures[0]["error"]
+    denials = [e for e in events if e["event"] == "egress" and e.get("port") == imds_port]
+    assert denials and all(e["allowed"] is False for e in denials)
+
+
 @pytest.mark.slow
 def test_imds_down_keeps_readiness_false_and_logs_why(tmp_path: Path) -> None:
     # Threat (availability, fail closed): without credentials the sidecar must neither crash nor
     # claim to be ready.
-    dead = f"http://127.0.0.1:{free_port()}"
-    manifest, config, port, _ = write_configs(tmp_path, {}, aws={"imds": dead})
+    dead_port = free_port()
+    dead = f"http://127.0.0.1:{dead_port}"
+    manifest, config, port, _ = write_configs(
+        tmp_path, {}, allow=[f"127.0.0.1:{dead_port}"], aws={"imds": dead}
+    )
     log = (tmp_path / "sidecar.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "sidecar", "run", "--manifest", str(manifest), "--config", str(config)],
@@ -116,7 +173,9 @@ def test_imds_down_keeps_readiness_false_and_logs_why(tmp_path: Path) -> None:
         assert json.loads(body) == {"ready": False, "plugins": {"aws": "starting"}}
         events = [json.loads(x) for x in (tmp_path / "sidecar.log").read_text().splitlines()]
         failures = [e for e in events if e["event"] == "imds_unavailable"]
-        assert failures and "connection" in failures[0]["error"].lower()
+        # The egress proxy could not connect: its 502 says so, and the reason reaches the log.
+        assert failures and "HTTP 502" in failures[0]["error"]
+        assert "Connection refused" in failures[0]["error"]
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -14,7 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_configs(directory: Path, plugins: dict[str, Any], **settings: Any) -> tuple[Path, Path, int, int]:
+def write_configs(
+    directory: Path, plugins: dict[str, Any], allow: Sequence[str] = (), **settings: Any
+) -> tuple[Path, Path, int, int]:
+    """enclaver.yaml (egress ``allow`` rules) and sidecar.yaml on free ports; returns both paths and ports."""
     ingress, api = free_port(), free_port()
     manifest = {
         "version": "v1",
@@ -58,7 +61,7 @@ def write_configs(directory: Path, plugins: dict[str, Any], **settings: Any) -> 
         "sources": {"app": "greeter:latest"},
         "ingress": [{"listen_port": ingress}],
         "api": {"listen_port": api},
-        "egress": {"proxy_port": free_port()},
+        "egress": {"proxy_port": free_port(), "allow": list(allow)},
     }
     (directory / "enclaver.yaml").write_text(yaml.safe_dump(manifest))
     settings.setdefault("attestation", {"nsm": "emulator"})  # no /dev/nsm on a test machine

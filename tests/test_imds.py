@@ -245,7 +245,8 @@ async def test_down_imds_retries_with_growing_backoff_then_fails_clearly(imds: D
     assert sleep.delays == [0.5, 1.0, 2.0]
     error = caught.value
     assert (error.attempts, error.status) == (4, 503)
-    assert str(error) == f"IMDS GET {ROLES} failed after 4 attempts: HTTP 503"
+    # The status, then the first line of the body (here the dev IMDS's own text).
+    assert str(error) == f"IMDS GET {ROLES} failed after 4 attempts: HTTP 503: Service Unavailable"
     for secret in (token, creds["SecretAccessKey"], creds["Token"], creds["AccessKeyId"]):
         assert secret not in str(error)
 
@@ -254,7 +255,7 @@ async def test_down_at_the_token_step(imds: DevImds) -> None:
     imds.down = True
     sleep = FakeSleep()
     client = ImdsClient(imds.url, retries=2, backoff=0.25, sleep=sleep)
-    with pytest.raises(ImdsError, match=r"^IMDS token \(PUT\) failed after 3 attempts: HTTP 503$"):
+    with pytest.raises(ImdsError, match=r"^IMDS token \(PUT\) failed after 3 attempts: HTTP 503(: [^\n]*)?$"):
         await asyncio.to_thread(client.region)
     assert sleep.delays == [0.25, 0.5]
     assert imds.token_requests == 3
@@ -351,7 +352,7 @@ async def test_wait_for_imds_gives_up_after_attempts_with_the_last_reason(imds: 
         await wait_for_imds(client, attempts=3, initial=0.001)
     message = str(caught.value)
     assert message.startswith("IMDS start-up (role and region) failed after 3 attempts: last error: ")
-    assert message.endswith("IMDS token (PUT) failed after 2 attempts: HTTP 503")
+    assert "IMDS token (PUT) failed after 2 attempts: HTTP 503" in message
     assert imds.token_requests == 6
 
 
@@ -540,7 +541,9 @@ async def test_a_proxy_adding_x_forwarded_for_is_refused_by_imds(imds: DevImds) 
     proxy = ForwardProxy(add_forwarded_for=True)
     url, stop = await start_proxy(proxy)
     try:
-        with pytest.raises(ImdsError, match=r"^IMDS token \(PUT\) failed after 1 attempt: HTTP 403$"):
+        with pytest.raises(
+            ImdsError, match=r"^IMDS token \(PUT\) failed after 1 attempt: HTTP 403(: [^\n]*)?$"
+        ):
             await asyncio.to_thread(ImdsClient(imds.url, proxy=url).region)
     finally:
         await stop()

@@ -38,7 +38,7 @@ class RoutePlugin:
 
 def test_only_enabled_plugins_are_loaded() -> None:
     pm, infos, broken = build_plugin_manager(["vault_like"])
-    assert list(infos) == ["attestation", "aws", "vault_like"]  # core plugins are always loaded
+    assert list(infos) == ["attestation", "network", "aws", "vault_like"]  # core plugins, in start order
     assert pm.get_plugin("no_fly_list") is None
     assert broken == {}
     assert infos["vault_like"].distribution == "enclave-sidecar"

@@ -266,6 +266,7 @@ def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
 class _Leaf:
     key: ec.EllipticCurvePrivateKey
     certificate: x509.Certificate
+    der: bytes  # the certificate as every document carries it, serialised once per leaf
 
 
 class DevPki:
@@ -339,6 +340,10 @@ class DevPki:
 
     def leaf(self, module_id: str, now: datetime) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
         """The signing key and certificate for ``module_id`` at ``now``, re-issued near expiry."""
+        current = self._current_leaf(module_id, now)
+        return current.key, current.certificate
+
+    def _current_leaf(self, module_id: str, now: datetime) -> _Leaf:
         with self._lock:
             current = self._leaves.get(module_id)
             margin = min(LEAF_RENEW_MARGIN, self.leaf_lifetime / 2)
@@ -349,7 +354,7 @@ class DevPki:
             ):
                 current = self._issue_leaf(module_id, now)
                 self._leaves[module_id] = current
-            return current.key, current.certificate
+            return current
 
     def _issue_leaf(self, module_id: str, now: datetime) -> _Leaf:
         key = _new_key()
@@ -366,7 +371,7 @@ class DevPki:
             .add_extension(_key_usage(digital_signature=True, content_commitment=True), critical=False)
             .sign(self._intermediate_key, hashes.SHA384())
         )
-        return _Leaf(key, certificate)
+        return _Leaf(key, certificate, certificate.public_bytes(serialization.Encoding.DER))
 
 
 # --- the emulator -------------------------------------------------------------------------------
@@ -478,7 +483,7 @@ class NsmEmulator:
             self._open()
             pcrs = {i: self._values[i] for i in range(PCR_COUNT) if self._locked[i]}
         now = self._clock()
-        key, certificate = self.pki.leaf(self.module_id, datetime.fromtimestamp(now, UTC))
+        leaf = self.pki._current_leaf(self.module_id, datetime.fromtimestamp(now, UTC))
         # Key order and null-for-absent exactly as AWS's documents (serde struct order).
         payload = cbor2.dumps(
             {
@@ -486,7 +491,7 @@ class NsmEmulator:
                 "digest": "SHA384",
                 "timestamp": int(now * 1000),
                 "pcrs": pcrs,
-                "certificate": certificate.public_bytes(serialization.Encoding.DER),
+                "certificate": leaf.der,
                 "cabundle": list(self.pki.cabundle),
                 "public_key": None if public_key is None else bytes(public_key),
                 "user_data": None if user_data is None else bytes(user_data),
@@ -494,7 +499,7 @@ class NsmEmulator:
             }
         )
         to_sign = cbor2.dumps(["Signature1", PROTECTED_HEADER, b"", payload])
-        r, s = decode_dss_signature(key.sign(to_sign, ec.ECDSA(hashes.SHA384())))
+        r, s = decode_dss_signature(leaf.key.sign(to_sign, ec.ECDSA(hashes.SHA384())))
         # COSE wants the raw r || s, not the DER the signing API returns.
         signature = r.to_bytes(ES384_SCALAR_BYTES, "big") + s.to_bytes(ES384_SCALAR_BYTES, "big")
         return cbor2.dumps([PROTECTED_HEADER, {}, payload, signature])

@@ -97,6 +97,13 @@ class _Response:
         self.body = body
         self.attempts = attempts
 
+    def problem(self) -> str:
+        """``HTTP 502: <first line of the body>``: the egress proxy says there why it refused or
+        failed (an error body never carries credentials; only a 200 does)."""
+        lines = self.body.decode("utf-8", "replace").strip().splitlines()
+        first = "".join(c for c in lines[0] if c.isprintable())[:200] if lines else ""
+        return f"HTTP {self.status}: {first}" if first else f"HTTP {self.status}"
+
 
 class ImdsClient:
     """A strict IMDSv2 client: cached session token, retries with exponential backoff.
@@ -160,10 +167,12 @@ class ImdsClient:
                 with self._opener.open(request, timeout=self.timeout) as response:
                     return _Response(response.status, response.read(), attempt)
             except urllib.error.HTTPError as exc:
+                # Keep the start of the body: a 403 from the egress proxy says which rule refused.
+                body = exc.read(300)
                 exc.close()
                 if exc.code < 500:
-                    return _Response(exc.code, b"", attempt)
-                status, reason = exc.code, f"HTTP {exc.code}"
+                    return _Response(exc.code, body, attempt)
+                status, reason = exc.code, _Response(exc.code, body, attempt).problem()
             except urllib.error.URLError as exc:
                 status, reason = None, f"connection error: {exc.reason}"
             except (OSError, http.client.HTTPException) as exc:  # timeouts, resets, garbled answers
@@ -180,7 +189,7 @@ class ImdsClient:
             started = self._clock()  # the TTL runs from IMDS's answer; counting from here is safer
             response = self._send("PUT", TOKEN_PATH, {TTL_HEADER: str(self.token_ttl)}, "token (PUT)")
             if response.status != 200 or not response.body:
-                raise ImdsError("token (PUT)", f"HTTP {response.status}", response.attempts, response.status)
+                raise ImdsError("token (PUT)", response.problem(), response.attempts, response.status)
             self._token = response.body.decode("ascii", "replace").strip()
             self._token_expires = started + self.token_ttl - self._margin
             return self._token
@@ -202,7 +211,7 @@ class ImdsClient:
             response = self._send("GET", path, {TOKEN_HEADER: self.token()}, step)
             attempts += response.attempts
         if response.status != 200:
-            raise ImdsError(step, f"HTTP {response.status}", attempts, response.status)
+            raise ImdsError(step, response.problem(), attempts, response.status)
         return response.body.decode("utf-8", "replace")
 
     # ------------------------------------------------------------------ metadata

@@ -9,10 +9,14 @@ The plaintext field of the answer is absent or empty.
 
 :class:`AttestedKms` wraps an ordinary boto3 KMS client, so request signing, serialisation, retries
 and endpoints stay botocore's. It adds a fresh attestation document to each attested call and
-unwraps ``CiphertextForRecipient``. It fails closed: an answer without ``CiphertextForRecipient`` is an
-:class:`AttestedKmsError`, even when it carries a usable ``Plaintext``. A KMS (or a stand-in like bare
-moto) that ignored ``Recipient`` never got to check the measurements, so its plaintext proves nothing
-about this enclave and must not be used. KMS's own errors (botocore ``ClientError``:
+unwraps ``CiphertextForRecipient``. Its two steps are public (:meth:`AttestedKms.recipient` and
+:meth:`AttestedKms.unseal`), so that the KMS proxy, which already holds the app's request as KMS
+JSON, can send it itself and still apply exactly these rules.
+
+It fails closed: an answer without ``CiphertextForRecipient`` is an :class:`AttestedKmsError`,
+even when it carries a usable ``Plaintext``. A KMS (or a stand-in like bare moto) that ignored
+``Recipient`` never got to check the measurements, so its plaintext proves nothing about this
+enclave and must not be used. KMS's own errors (botocore ``ClientError``:
 AccessDeniedException when the measurements do not match, throttling after botocore's retries) pass
 through unchanged, so callers see KMS's error code.
 """
@@ -69,23 +73,27 @@ class AttestedKms:
             raise ValueError(f"the KMS client has no operation {operation!r}")
         return method  # type: ignore[no-any-return]
 
-    def _recipient_info(self) -> dict[str, Any]:
+    def recipient(self) -> dict[str, Any]:
+        """The ``Recipient`` parameter for one attested call: a fresh document for our key.
+
+        Blocking (an NSM ioctl, or signing in the emulator). The document is made anew for every
+        call rather than cached: it carries the PCRs at the time it is made, and an app may extend
+        a PCR (>= 16) precisely to lose access to a key; a cached document would outlive that.
+        """
         try:
             document = self._attest(nonce=None, user_data=None, public_key=self._recipient.spki_der)
         except Exception as exc:  # the NSM is gone or refused: nothing secret may be asked for
             raise AttestedKmsError(f"cannot get an attestation document: {exc}") from exc
         return {"AttestationDocument": document, "KeyEncryptionAlgorithm": RECIPIENT_ALGORITHM}
 
-    def call(self, operation: str, params: dict[str, Any]) -> dict[str, Any]:
-        """Call ``operation`` (KMS's API name). Attested operations are sealed and unwrapped."""
-        field = ATTESTED_OPERATIONS.get(operation)
-        method = self._method(operation)
-        if field is None:
-            return method(**params)
-        if "Recipient" in params:
-            # The recipient must be our key: a caller-chosen one would send the secret elsewhere.
-            raise ValueError("Recipient is set by AttestedKms; do not pass it")
-        response = method(**params, Recipient=self._recipient_info())
+    def unseal(self, operation: str, response: dict[str, Any]) -> dict[str, Any]:
+        """Replace ``CiphertextForRecipient`` (bytes) in KMS's answer by the plaintext field it seals.
+
+        ``response`` is changed in place and returned: ``CiphertextForRecipient`` is removed, and the
+        operation's plaintext field (``Plaintext``...) is set to the decrypted bytes. Raises
+        :class:`AttestedKmsError` when the answer is not sealed, or not sealed for our key.
+        """
+        field = ATTESTED_OPERATIONS[operation]
         sealed = response.pop(CIPHERTEXT_FOR_RECIPIENT, None)
         if not sealed:
             # Threat: a KMS (or a stand-in) that ignored Recipient. Its plaintext was released
@@ -100,6 +108,16 @@ class AttestedKms:
         except CmsError as exc:
             raise AttestedKmsError(f"{operation}: CiphertextForRecipient does not decrypt: {exc}") from exc
         return response
+
+    def call(self, operation: str, params: dict[str, Any]) -> dict[str, Any]:
+        """Call ``operation`` (KMS's API name). Attested operations are sealed and unwrapped."""
+        method = self._method(operation)
+        if operation not in ATTESTED_OPERATIONS:
+            return method(**params)
+        if "Recipient" in params:
+            # The recipient must be our key: a caller-chosen one would send the secret elsewhere.
+            raise ValueError("Recipient is set by AttestedKms; do not pass it")
+        return self.unseal(operation, method(**params, Recipient=self.recipient()))
 
     def decrypt(self, **params: Any) -> dict[str, Any]:
         return self.call("Decrypt", params)

@@ -8,6 +8,7 @@ credentials are there, the KMS proxy opens on ``kms_proxy.listen_port`` for unmo
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -46,9 +47,9 @@ async def lifespan(context: PluginContext) -> AsyncIterator[None]:
     from sidecar.aws.kms_proxy import start_kms_proxy
 
     _, region = await wait_for_imds(setup.imds)
-    factory = ClientFactory(
-        botocore_session(setup.imds), setup.region or region, proxy=setup.proxy, endpoints=setup.endpoints
-    )
+    # botocore_session asks IMDS (synchronously, through the egress proxy): off the event loop.
+    session = await asyncio.to_thread(botocore_session, setup.imds)
+    factory = ClientFactory(session, setup.region or region, proxy=setup.proxy, endpoints=setup.endpoints)
     setup.factory = factory
     services = context.services
     services.aws = factory.client

@@ -100,6 +100,7 @@ _HOP_BY_HOP: Final = frozenset(
 )
 _PASSED_HEADERS: Final = ("Content-Type", "x-amzn-RequestId", "x-amzn-ErrorType")
 _ACCESS_KEY: Final = re.compile(r"Credential=([^/,\s]+)/")
+_KEY_ARN: Final = re.compile(r"arn:aws[a-z-]*:kms:[a-z0-9-]+:\d{12}:key/[\w-]+")
 _KEY_PAIR_SPECS: Final[dict[str, Callable[[], rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey]]] = {
     "RSA_2048": lambda: rsa.generate_private_key(65537, 2048),
     "RSA_3072": lambda: rsa.generate_private_key(65537, 3072),
@@ -431,19 +432,33 @@ class AttestingKmsFront:
             )
         return document, public_key
 
+    async def _resolve(self, headers: Mapping[str, str], key_ref: str) -> tuple[str, str]:
+        """The ARN and id of the key ``key_ref`` (id, ARN or alias) names, from moto's DescribeKey."""
+        described = await self._call(headers, "DescribeKey", {"KeyId": key_ref})
+        metadata = described.get("KeyMetadata") or {}
+        arn, key_id = metadata.get("Arn"), metadata.get("KeyId")
+        if not isinstance(arn, str) or not isinstance(key_id, str):
+            raise _KmsError(500, "KMSInternalException", "moto's DescribeKey answer has no key id")
+        return arn, key_id
+
     async def _authorize(
         self,
         operation: str,
         headers: Mapping[str, str],
         key_ref: str,
         document: AttestationDocument,
+        *,
+        resolved: bool = False,
     ) -> str:
-        """Check the key policy of ``key_ref`` (id, ARN or alias) for this document; return the key ARN."""
-        described = await self._call(headers, "DescribeKey", {"KeyId": key_ref})
-        metadata = described.get("KeyMetadata") or {}
-        arn, key_id = metadata.get("Arn"), metadata.get("KeyId")
-        if not isinstance(arn, str) or not isinstance(key_id, str):
-            raise _KmsError(500, "KMSInternalException", "moto's DescribeKey answer has no key id")
+        """Check the key policy of ``key_ref`` (id, ARN or alias) for this document; return the key ARN.
+
+        ``resolved``: ``key_ref`` is the key ARN moto itself named (Decrypt's answer), so GetKeyPolicy
+        takes it as it is and the DescribeKey round trip that resolves aliases is skipped.
+        """
+        if resolved and _KEY_ARN.fullmatch(key_ref):
+            arn = key_id = key_ref
+        else:
+            arn, key_id = await self._resolve(headers, key_ref)
         answer = await self._call(headers, "GetKeyPolicy", {"KeyId": key_id, "PolicyName": "default"})
         try:
             policy = json.loads(answer.get("Policy") or "")
@@ -494,7 +509,7 @@ class AttestingKmsFront:
             if not isinstance(used, str):
                 raise _KmsError(500, "KMSInternalException", "moto's Decrypt answer does not name its key")
             if used != checked:
-                await self._authorize(operation, headers, used, document)
+                await self._authorize(operation, headers, used, document, resolved=True)
         plaintext = answer.pop(field, None)
         if not isinstance(plaintext, str):
             raise _KmsError(500, "KMSInternalException", f"moto's {operation} answer has no {field}")

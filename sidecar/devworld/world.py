@@ -92,6 +92,11 @@ class DevWorld:
         """Endpoint overrides for the sidecar's client factory (the dev world only)."""
         return {"kms": self.kms_url, "s3": self.moto_url}
 
+    @property
+    def egress_rules(self) -> tuple[str, ...]:
+        """Egress allow rules for exactly the world's endpoints (host:port), for the dev world only."""
+        return tuple(url.split("://", 1)[1] for url in (self.imds_url, self.kms_url, self.moto_url))
+
     async def stop(self) -> None:
         if self.front is not None:
             await self.front.stop()
@@ -105,12 +110,22 @@ async def run_dev_world(runtime: Any, services: Any, manifest: Any) -> int:
     """Start the world, point the sidecar's AWS setup at it, serve until a signal, stop it all."""
     from sidecar.aws.imds import ImdsClient
     from sidecar.aws.plugin import SETUP_KEY, AwsSetup
+    from sidecar.bootstrap import network_setup
+    from sidecar.net.plugin import SETUP_KEY as NETWORK_KEY
 
     nsm = services.nsm
     world = DevWorld(dev_root=nsm.pki.root, pcr0=nsm.describe_pcr(0).data)
     await world.start()
+    # The sidecar reaches the world through its egress proxy, as it reaches AWS in an enclave. The
+    # world's loopback endpoints are allowed here only; the measured manifest is unchanged.
+    network = network_setup(manifest, services.extra[NETWORK_KEY].network, extra_allow=world.egress_rules)
+    services.extra[NETWORK_KEY] = network
+    event(log, logging.INFO, "devworld_egress_allowed", rules=list(world.egress_rules))
     services.extra[SETUP_KEY] = AwsSetup(
-        ImdsClient(world.imds_url), endpoints=world.endpoints, kms_proxy_port=manifest.kms_proxy_port
+        ImdsClient(world.imds_url, proxy=network.proxy_url),
+        proxy=network.proxy_url,
+        endpoints=world.endpoints,
+        kms_proxy_port=manifest.kms_proxy_port,
     )
     try:
         return int(await runtime.serve_forever())

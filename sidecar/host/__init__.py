@@ -1,0 +1,1 @@
+"""The parts that run outside the enclave, on the parent instance: ``sidecar host``."""

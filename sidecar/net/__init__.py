@@ -1,0 +1,1 @@
+"""Networking inside the enclave: egress policy and proxy, vsock transports, ingress bridges."""
