@@ -133,13 +133,15 @@ class Route:
     name: str
     proxy: Proc | None
     gbps: list[float] = field(default_factory=list)
-    # CPU seconds per GB moved: the proxy's user and system time, the origin's, the client's (curl)
+    # CPU seconds per throughput round (summed over all rounds for the report: /proc counts 10 ms
+    # ticks, too coarse for one round): the proxy's user and system time, the origin's, curl's
     proxy_user: list[float] = field(default_factory=list)
     proxy_sys: list[float] = field(default_factory=list)
     origin_cpu: list[float] = field(default_factory=list)
     client_cpu: list[float] = field(default_factory=list)
     rate: list[float] = field(default_factory=list)
-    us_per_tunnel: list[float] = field(default_factory=list)  # proxy CPU per CONNECT + close
+    tunnel_cpu: list[float] = field(default_factory=list)  # proxy CPU seconds per set-up round
+    tunnels: list[float] = field(default_factory=list)  # tunnels per set-up round
     rate_errors: int = 0
     other: list[float] = field(default_factory=list)
 
@@ -413,10 +415,10 @@ def main() -> int:
                     with measure(r, origin) as m:
                         gbps = curl_download(url, ports[r.name], size)
                     r.gbps.append(gbps)
-                    r.proxy_user.append(m["proxy_user"] / gb)
-                    r.proxy_sys.append(m["proxy_sys"] / gb)
-                    r.origin_cpu.append(m["origin"] / gb)
-                    r.client_cpu.append(m["client"] / gb)
+                    r.proxy_user.append(m["proxy_user"])
+                    r.proxy_sys.append(m["proxy_sys"])
+                    r.origin_cpu.append(m["origin"])
+                    r.client_cpu.append(m["client"])
                     row.append(f"{r.name} {gbps:.2f}{'*' if m['other'] > NOISY else ''}")
                 print(f"  round {n + 1}/{args.rounds}: " + ", ".join(row))
             proxies = [r for r in routes if r.proxy is not None]
@@ -434,7 +436,8 @@ def main() -> int:
                         rate, failed, first = asyncio.run(connect_rate(port, closer_port, args.rate_seconds))
                     r.rate.append(rate)
                     tunnels = rate * args.rate_seconds
-                    r.us_per_tunnel.append((m["proxy_user"] + m["proxy_sys"]) / max(tunnels, 1) * 1e6)
+                    r.tunnel_cpu.append(m["proxy_user"] + m["proxy_sys"])
+                    r.tunnels.append(tunnels)
                     r.rate_errors += failed
                     note = f" ({failed} failed: {first})" if failed else ""
                     row.append(f"{r.name} {rate:.0f}/s{'*' if m['other'] > NOISY else ''}{note}")
@@ -447,25 +450,35 @@ def main() -> int:
     gbps_med = {r.name: med(r.gbps) for r in routes}
     rates = {r.name: med(r.rate) for r in routes if r.rate}
     print(f"\n{args.size_mib} MiB over loopback, {args.rounds} rounds interleaved; medians")
-    print("                            CPU seconds per GB moved")
+    print("                            CPU seconds per GB moved                GB per CPU second")
     print(
         f"{'route':<10} {'GB/s':>5} {'min':>5} {'max':>5}  "
-        f"{'proxy usr':>9} {'proxy sys':>9} {'origin':>6} {'curl':>6}"
+        f"{'proxy usr':>9} {'proxy sys':>9} {'origin':>6} {'curl':>6}  {'(whole path)':>17}"
     )
-    print("-" * 66)
+    print("-" * 87)
+    efficiency: dict[str, float] = {}
     for r in routes:
-        usr = f"{med(r.proxy_user):.3f}" if r.proxy else "-"
-        sys_ = f"{med(r.proxy_sys):.3f}" if r.proxy else "-"
+        moved = len(r.gbps) * gb
+        usr = f"{sum(r.proxy_user) / moved:.3f}" if r.proxy else "-"
+        sys_ = f"{sum(r.proxy_sys) / moved:.3f}" if r.proxy else "-"
+        origin_s, curl_s = sum(r.origin_cpu) / moved, sum(r.client_cpu) / moved
+        total = (sum(r.proxy_user) + sum(r.proxy_sys)) / moved + origin_s + curl_s
+        efficiency[r.name] = 1 / total if total else 0.0
         print(
             f"{r.name:<10} {gbps_med[r.name]:>5.2f} {min(r.gbps):>5.2f} {max(r.gbps):>5.2f}  "
-            f"{usr:>9} {sys_:>9} {med(r.origin_cpu):>6.3f} {med(r.client_cpu):>6.3f}"
+            f"{usr:>9} {sys_:>9} {origin_s:>6.3f} {curl_s:>6.3f}  "
+            f"{efficiency[r.name]:>17.2f}"
         )
+    print(
+        "(GB per CPU second of origin + proxy + curl together: what bounds GB/s when the machine is "
+        "CPU-bound;\n less sensitive to other load than GB/s. CPU is sampled in 10 ms ticks.)"
+    )
     print(f"\n{'route':<10} {'tunnels/s':>9} {'min':>6} {'max':>6} {'proxy CPU us/tunnel':>20} {'failed':>7}")
     print("-" * 63)
     for r in proxies:
         print(
             f"{r.name:<10} {rates[r.name]:>9.0f} {min(r.rate):>6.0f} {max(r.rate):>6.0f} "
-            f"{med(r.us_per_tunnel):>20.0f} {r.rate_errors:>7}"
+            f"{sum(r.tunnel_cpu) / max(sum(r.tunnels), 1) * 1e6:>20.0f} {r.rate_errors:>7}"
         )
     others = [o for r in routes for o in r.other]
     print(f"\nother processes used {med(others):.2f} cores (median), {max(others):.2f} (max) while measuring")
@@ -476,6 +489,15 @@ def main() -> int:
     vs_direct = gbps_med["sidecar"] / gbps_med["direct"]
     verdict = "PASS" if vs_direct >= TARGET_VS_DIRECT else "FAIL"
     print(f"ratio sidecar/direct    = {vs_direct:.2f} (target >= {TARGET_VS_DIRECT}): {verdict}")
+    print(
+        f"CPU efficiency sidecar/direct = {fmt_ratio(efficiency['sidecar'], efficiency['direct'])}"
+        + (
+            f", sidecar/tinyproxy = {fmt_ratio(efficiency['sidecar'], efficiency['tinyproxy'])}"
+            if "tinyproxy" in efficiency
+            else ""
+        )
+        + " (context for the GB/s ratios below)"
+    )
     if "tinyproxy" in gbps_med:
         vs_tiny = gbps_med["sidecar"] / gbps_med["tinyproxy"]
         verdict = "PASS" if vs_tiny >= TARGET_VS_TINYPROXY else "FAIL"

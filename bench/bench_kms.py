@@ -45,8 +45,10 @@ Topologies (``--topology``)
                      hand-over between the proxy, the front and moto's threads waits for the GIL.
                      Kept to compare with earlier runs.
 
-    Neither topology has the egress proxy on the KMS path: the direct path would need it as much as
-    the proxy does (an enclave has no other way out), so leaving it out of both keeps them alike.
+    The egress proxy: in an enclave every call to KMS leaves through it, the sidecar's and an app's
+    alike (the sidecar gives apps ``HTTP_PROXY``). In ``dev`` the sidecar sends its KMS calls through
+    its egress proxy, so the direct and plain clients go through the same egress proxy too. In
+    ``split`` there is none on any path.
 
 How to run
     .venv/bin/python bench/bench_kms.py                           # split, 10 rounds x 30 calls
@@ -294,6 +296,7 @@ class Setup:
         self.proxy_log = Path()
         self.description = ""
         self.split = False  # the last process is the KMS proxy alone
+        self.egress_url: str | None = None  # the direct and plain clients' HTTP proxy (dev)
 
     def close(self) -> None:
         for proc in reversed(self.procs):  # the proxy before the world it talks to
@@ -326,6 +329,7 @@ def start_dev(directory: Path) -> Setup:
     setup.procs.append(start_child(command, setup.proxy_log))
     world = wait_dev_ready(setup.procs[-1], setup.proxy_log, ports["ingress"])
     setup.proxy_url = f"http://{HOST}:{ports['kms_proxy']}"
+    setup.egress_url = f"http://{HOST}:{ports['egress']}"
     setup.front_url, setup.moto_url = world["kms"], world["s3"]
     setup.description = "one sidecar dev process (moto, the front, IMDS and the sidecar) and this bench"
     return setup
@@ -355,8 +359,13 @@ def make_paths(setup: Setup, state: Path) -> dict[str, Callable[[], None]]:
     # The same state dir as the world's: the dev root (and intermediate) on disk are the ones the
     # front trusts; this DevPki only issues its own leaf under them.
     nsm = NsmEmulator(DevPki.load_or_create(state), pcrs={0: DIRECT_PCR0})
+    # As an app in the enclave calling KMS itself: through the egress proxy where the sidecar's own
+    # KMS calls go through it.
+    front_config = CLIENT_CONFIG
+    if setup.egress_url:
+        front_config = CLIENT_CONFIG.merge(Config(proxies={"http": setup.egress_url}))
     front = boto3.client(
-        "kms", endpoint_url=setup.front_url, region_name=REGION, config=CLIENT_CONFIG, **DUMMY
+        "kms", endpoint_url=setup.front_url, region_name=REGION, config=front_config, **DUMMY
     )
     direct_kms = AttestedKms(front, nsm.attestation, RecipientKey.generate())
 
@@ -519,6 +528,8 @@ def run(rounds: int, calls: int, topology: str) -> int:
         try:
             print(f"topology {topology}: {setup.description}", file=out)
             print(f"  proxy {setup.proxy_url}  front {setup.front_url}  moto {setup.moto_url}", file=out)
+            if setup.egress_url:
+                print(f"  every path to the front through the egress proxy {setup.egress_url}", file=out)
             paths = make_paths(setup, directory / "state")
             for _ in range(WARMUP):
                 for call in paths.values():

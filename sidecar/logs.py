@@ -121,14 +121,14 @@ class AccessLogSink:
         self.batch = batch
         self.interval = interval
         self.records: list[AccessRecord] = []
-        # Rendering caches, bounded (paths come from clients): a path quoted for JSON, a status as text.
-        self._quoted: dict[str, str] = {}
-        self._statuses: dict[int, str] = {}
+        # The JSON text from the listener to bytes_sent, per (listener, method, path, status, bytes
+        # sent): under load most records repeat one. Bounded (paths come from clients).
+        self._middles: dict[tuple[str, str, str, int, int], str] = {}
         self._second, self._second_text = -1, ""
         self._task: asyncio.Task[None] | None = None
 
     def render(self, records: list[AccessRecord]) -> str:
-        quoted, statuses = self._quoted, self._statuses
+        middles = self._middles
         lines: list[str] = []
         add = lines.append
         # Under load many records share a millisecond: comparing floats against its bounds is far
@@ -142,22 +142,19 @@ class AccessLogSink:
                 second, fraction = divmod(ms, 1000)
                 if second != self._second:
                     self._second, self._second_text = second, iso_second(second)
-                ts = self._second_text + _MS_SUFFIX[fraction]
-            q = quoted.get(path)
-            if q is None:
-                q = json.dumps(path, ensure_ascii=False)
-                if len(quoted) < _CACHE:
-                    quoted[path] = q
-            code = statuses.get(status)
-            if code is None:
-                code = str(status)
-                if len(statuses) < _CACHE:
-                    statuses[status] = code
-            # The method is an HTTP token (no quotes or backslashes): safe in JSON as it is.
-            add(
-                f'{{"ts":"{ts}",{head}"method":"{method}","path":{q},"status":{code},'
-                f'"bytes_sent":{sent},"us":{floor(duration * 1e6)},"request_id":"{rid}"}}\n'
-            )
+                ts = f'{{"ts":"{self._second_text}{_MS_SUFFIX[fraction]}",'
+            key = (head, method, path, status, sent)
+            middle = middles.get(key)
+            if middle is None:
+                # The method is an HTTP token (no quotes or backslashes): safe in JSON as it is.
+                middle = (
+                    f'{head}"method":"{method}","path":{json.dumps(path, ensure_ascii=False)},'
+                    f'"status":{status},"bytes_sent":{sent},"us":'
+                )
+                if len(middles) >= _CACHE:  # e.g. after a scan of random paths: start over
+                    middles.clear()
+                middles[key] = middle
+            add(f'{ts}{middle}{floor(duration * 1e6)},"request_id":"{rid}"}}\n')
         return "".join(lines)
 
     def flush(self) -> None:

@@ -17,13 +17,14 @@ import logging
 import os
 import signal
 import ssl
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pluggy
-from aiohttp import web
+from aiohttp import hdrs, web
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config import ConfigError, Manifest, Settings
 from sidecar.context import PluginContext, Services
@@ -44,6 +45,8 @@ HEALTH_PATH = "/enclave/health"
 READY_PATH = "/enclave/ready"
 RESERVED_PATHS = (HEALTH_PATH, READY_PATH)
 JSON = "application/json"
+# Response copies the headers it is given: one shared, read-only set is cheaper than content_type=.
+JSON_HEADERS = CIMultiDictProxy(CIMultiDict({hdrs.CONTENT_TYPE: JSON}))
 
 
 class PluginStartupError(Exception):
@@ -75,7 +78,7 @@ def json_error(status: int, message: str, request_id: str | None = None, **extra
     body: dict[str, Any] = {"error": message, **extra}
     if request_id:
         body["request_id"] = request_id
-    return web.Response(status=status, body=json.dumps(body).encode(), content_type=JSON)
+    return web.Response(status=status, body=json.dumps(body).encode(), headers=JSON_HEADERS)
 
 
 class Runtime:
@@ -447,8 +450,8 @@ def create_app(runtime: Runtime, listener: Listener, primary: bool = False) -> w
             return app.router.add_get(path, wrapped)
         return app.router.add_route(method, path, wrapped)
 
-    add("GET", HEALTH_PATH, handle_health, settings.max_body_bytes)
-    add("GET", READY_PATH, handle_ready, settings.max_body_bytes)
+    for path, core in ((HEALTH_PATH, handle_health), (READY_PATH, handle_ready)):
+        app.router.add_get(path, wrap_core(runtime, listener, core, settings.max_body_bytes))
     for plugin, route in routes:
         limit = route.max_body_bytes or settings.max_body_bytes
         added = add(route.method.upper(), route.path, route.handler, limit, plugin=runtime.plugins[plugin])
@@ -504,30 +507,61 @@ def wrap_handler(
                 response = too_large(limit, request_id)
             else:
                 response = await handler(request.clone(client_max_size=limit) if clone else request)
-        except web.HTTPException as exc:
-            response = as_json(exc, request_id, limit)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.error(
-                "unhandled_error",
-                exc_info=True,
-                extra={
-                    "sidecar_fields": {
-                        "request_id": request_id,
-                        "listener": listener.name,
-                        "route": request.match_info.route.resource.canonical
-                        if request.match_info.route.resource
-                        else None,
-                        "error": type(exc).__name__,
-                    }
-                },
-            )
-            response = json_error(500, "internal error", request_id)
+        except Exception as exc:  # not CancelledError (a BaseException): a cancelled request stays so
+            response = failure(exc, request, request_id, listener, limit)
         response.headers[REQUEST_ID_HEADER] = request_id
         return response
 
     return wrapped
+
+
+CoreHandler = Callable[[web.Request], web.Response]
+
+
+def wrap_core(runtime: Runtime, listener: Listener, handler: CoreHandler, limit: int) -> Handler:
+    """A core route (health, readiness): what :func:`wrap_handler` does, for a synchronous handler.
+
+    Core handlers never wait and never read ``request[REQUEST_ID]``, so the request skips a
+    coroutine and the request-state write: load balancers poll these routes all the time.
+    """
+    next_id = runtime.request_ids.__next__
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        request_id = next_id()
+        response: web.StreamResponse
+        try:
+            if request.body_exists and (request.content_length or 0) > limit:
+                response = too_large(limit, request_id)
+            else:
+                response = handler(request)
+        except Exception as exc:
+            response = failure(exc, request, request_id, listener, limit)
+        response.headers[REQUEST_ID_HEADER] = request_id
+        return response
+
+    return wrapped
+
+
+def failure(
+    exc: Exception, request: web.Request, request_id: str, listener: Listener, limit: int
+) -> web.StreamResponse:
+    """The error boundary: aiohttp's HTTP errors become JSON; anything else is a 500 with no detail."""
+    if isinstance(exc, web.HTTPException):
+        return as_json(exc, request_id, limit)
+    resource = request.match_info.route.resource
+    log.error(
+        "unhandled_error",
+        exc_info=exc,
+        extra={
+            "sidecar_fields": {
+                "request_id": request_id,
+                "listener": listener.name,
+                "route": resource.canonical if resource else None,
+                "error": type(exc).__name__,
+            }
+        },
+    )
+    return json_error(500, "internal error", request_id)
 
 
 def too_large(limit: int, request_id: str) -> web.Response:
@@ -551,14 +585,14 @@ def as_json(exc: web.HTTPException, request_id: str, limit: int) -> web.StreamRe
 HEALTH_BODY = b'{"status":"ok"}'
 
 
-async def handle_health(request: web.Request) -> web.Response:
-    return web.Response(body=HEALTH_BODY, content_type=JSON)
+def handle_health(request: web.Request) -> web.Response:
+    return web.Response(body=HEALTH_BODY, headers=JSON_HEADERS)
 
 
-async def handle_ready(request: web.Request) -> web.Response:
+def handle_ready(request: web.Request) -> web.Response:
     ready, plugins = request.app[RUNTIME].readiness()
     body = json.dumps({"ready": ready, "plugins": plugins}).encode()
-    return web.Response(status=200 if ready else 503, body=body, content_type=JSON)
+    return web.Response(status=200 if ready else 503, body=body, headers=JSON_HEADERS)
 
 
 async def handle_fallback(request: web.Request) -> web.Response:

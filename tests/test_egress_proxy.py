@@ -1147,24 +1147,41 @@ class FailingUpstream:
 
 
 @pytest.mark.parametrize(
-    ("error", "status"),
+    ("error", "status", "body"),
     [
-        (UpstreamError(503, "parent busy"), 503),
-        (OSError(113, "No route to host"), 502),
-        (RuntimeError("bug"), None),
+        (UpstreamError(503, "parent busy"), 503, b"parent busy\n"),
+        (OSError(113, "No route to host"), 502, b"connecting to 127.0.0.2:443 failed: No route to host\n"),
+        (
+            RuntimeError("secret detail"),
+            502,
+            b"connecting to 127.0.0.2:443 failed (internal error in the upstream)\n",
+        ),
     ],
 )
 async def test_upstream_errors_map_to_statuses(
-    make_proxy: ProxyFactory, error: BaseException, status: int | None
+    make_proxy: ProxyFactory, error: BaseException, status: int, body: bytes
 ) -> None:
-    """A bug in an upstream is never a traceback to the client: the connection just closes."""
+    """Threat: internals leaking to clients. A bug in an upstream still gets the client a status,
+    never a traceback or the exception's text."""
     proxy = await make_proxy(upstream=FailingUpstream(error))
-    if status is None:
-        with pytest.raises(http.client.RemoteDisconnected):
-            await raw(proxy.port, f"CONNECT {ORIGIN_IP}:443 HTTP/1.1\r\nHost: x\r\n\r\n".encode(), "CONNECT")
-        return
     answer = await raw(proxy.port, f"CONNECT {ORIGIN_IP}:443 HTTP/1.1\r\nHost: x\r\n\r\n".encode(), "CONNECT")
-    assert answer.status == status
+    assert (answer.status, answer.body) == (status, body)
+
+
+async def test_a_bug_in_the_proxy_is_a_bare_500(
+    proxy: EgressProxy, origins: Origins, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Threat: internals leaking to clients, and one bad request taking the proxy down."""
+
+    def broken(request: Any) -> Any:
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(proxy, "_parse_target", broken)
+    answer = await raw(proxy.port, f"CONNECT {ORIGIN_IP}:443 HTTP/1.1\r\nHost: x\r\n\r\n".encode(), "CONNECT")
+    assert (answer.status, answer.body) == (500, b"internal error in the egress proxy\n")
+    monkeypatch.undo()
+    r = await asyncio.to_thread(get, f"{origins.http}/hello", proxy.url)
+    assert r.status_code == 200
 
 
 # ------------------------------------------------------------------------------------ configuration

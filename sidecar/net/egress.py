@@ -26,11 +26,15 @@ Answers (a ``text/plain`` body of one line says why; never a traceback):
 =====  =====================================================================================
 400    malformed request: bad request line or header, CONNECT without ``host:port``, origin-form
        or ``https://`` target, a bad host name, HTTP version other than 1.0/1.1, TRACE/TRACK
-403    the policy denied the target (the body is the decision's reason)
-408    the request head did not arrive within the request timeout
+403    the policy denied the target (the body is the decision's reason), here or at the parent
+       (``EACCES``) or the upstream proxy (its 403)
+408    a request head began but did not complete within the request timeout (a client that sends
+       nothing at all is closed without an answer: h11 has no request to answer)
 431    the request head is larger than ``network.max_header_bytes``
-502    resolving or connecting failed, the parent or upstream proxy refused, bad upstream response
-503    ``network.max_tunnels`` connections are already open (``Retry-After: 1``)
+500    a bug in the proxy itself (the exception's type goes to the log, nothing to the client)
+502    resolving or connecting failed, the parent or upstream proxy failed, bad upstream response
+503    ``network.max_tunnels`` connections are already open (``Retry-After: 1``), or the parent is
+       at its own limit
 504    connecting took longer than ``network.connect_timeout``, or the origin sent no response
        within ``network.idle_timeout``
 =====  =====================================================================================
@@ -581,8 +585,8 @@ class EgressProxy:
 
     async def _serve(self, client: socket.socket) -> None:
         self.stats.connections += 1
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.settings.max_header_bytes)
         try:
-            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.settings.max_header_bytes)
             while True:
                 started = time.monotonic()
                 try:
@@ -609,6 +613,8 @@ class EgressProxy:
             # A bug must not take the proxy down; its details stay in the log, never in an answer.
             event(log, logging.ERROR, "egress_handler_failed", error=type(e).__name__)
             log.debug("egress handler traceback", exc_info=True)
+            with contextlib.suppress(Exception):
+                await self._answer(client, conn, _Reply(500, "internal error in the egress proxy", "bug"))
 
     async def _read_head(
         self,
@@ -742,6 +748,18 @@ class EgressProxy:
             reply = _Reply(504, f"connecting to {shown} timed out after {timeout:g} s", "timeout")
         except OSError as e:
             reply = _Reply(502, f"connecting to {shown} failed: {_strerror(e)}", "connect failed")
+        except Exception as e:  # a bug in an Upstream: the client still gets a status, the log the type
+            event(
+                log,
+                logging.ERROR,
+                "egress_upstream_failed",
+                upstream=self._upstream_name,
+                error=type(e).__name__,
+            )
+            log.debug("upstream traceback", exc_info=True)
+            reply = _Reply(
+                502, f"connecting to {shown} failed (internal error in the upstream)", "upstream bug"
+            )
         self.stats.failed += 1
         self._log(method, target, reply.status, decision, 0, 0, started)
         raise reply
