@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     import click
 
     from sidecar.context import PluginContext
+    from sidecar.devworld.world import DevWorld
     from sidecar.routes import Listener, Route
     from sidecar.schema import Map
 
@@ -86,4 +87,19 @@ def register_commands(cli: click.Group) -> None:
     Receives: the root ``click.Group``; add commands with ``@cli.command()`` or ``cli.add_command``.
     Returns: nothing.
     Async: no.
+    """
+
+
+@hookspec
+def prepare_dev_world(world: DevWorld, context: PluginContext) -> None:
+    """Seed the dev world with what this plugin needs, as an operator would seed AWS.
+
+    When: only under ``sidecar dev``, once the dev world is up and before any plugin's
+    ``lifespan``. Per plugin (enabled plugins only).
+    Receives: the running :class:`~sidecar.devworld.world.DevWorld` (``world.admin("s3")`` and
+    ``world.admin("kms")`` are plain boto3 clients with admin rights, ``world.create_key(pcr0_hex,
+    alias)`` makes a key pinned to a PCR0, ``world.pcr0`` is this sidecar's measured PCR0), and the
+    plugin's context (its config).
+    Returns: nothing. An exception stops ``sidecar dev`` with an error naming the plugin.
+    Async: no; it runs in a worker thread, so blocking boto3 calls are fine.
     """

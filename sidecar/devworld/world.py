@@ -10,6 +10,7 @@ The sidecar then runs its production code against these endpoints: only the addr
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from dataclasses import dataclass, field
@@ -128,6 +129,21 @@ async def run_dev_world(runtime: Any, services: Any, manifest: Any) -> int:
         kms_proxy_port=manifest.kms_proxy_port,
     )
     try:
+        await prepare_plugins(runtime, world)
         return int(await runtime.serve_forever())
     finally:
         await world.stop()
+
+
+async def prepare_plugins(runtime: Any, world: DevWorld) -> None:
+    """Each enabled plugin's ``prepare_dev_world`` hook, in a worker thread (boto3 blocks)."""
+    from sidecar.plugins import PluginError, call_plugin
+
+    for name, state in runtime.plugins.items():
+        try:
+            await asyncio.to_thread(
+                call_plugin, runtime.pm, name, "prepare_dev_world", world=world, context=state.context
+            )
+        except Exception as exc:
+            raise PluginError(name, f"cannot prepare the dev world: {type(exc).__name__}: {exc}") from exc
+        event(log, logging.DEBUG, "devworld_prepared", plugin=name)
