@@ -31,7 +31,9 @@ What it measures
     The report gives p50/p90/p99 per path over all calls, the proxy's own time per Decrypt (its
     ``kms_proxy_call`` log events, written at the shipped ``info`` level), and how much CPU other
     processes on the machine took per round (other work on a 2-core machine makes every number
-    noisy; rounds above NOISY cores are flagged).
+    noisy; rounds above NOISY cores are flagged). It also gives the CPU time per call: the client's
+    (``time.thread_time`` around each call) and, in ``split``, the proxy process's (``/proc``). Load
+    from other processes stretches latencies far more than it changes these.
 
 Topologies (``--topology``)
     split (default)  three processes: the dev world (moto, the front, IMDS), the KMS proxy, and this

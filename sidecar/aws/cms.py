@@ -62,6 +62,20 @@ _CONTENT_KEY_BYTES = 32  # AES-256
 _ENVELOPED_DATA_VERSION = 2  # RFC 5652 6.1: 2 because the recipient uses subjectKeyIdentifier
 _KTRI_VERSION = 2  # RFC 5652 6.2.1: 2 for a subjectKeyIdentifier rid
 _OAEP_FAILED = "encrypted key did not decrypt"  # one message for every OAEP failure: no oracle detail
+# KMS's key encryption AlgorithmIdentifier: RSAES-OAEP, explicit SHA-256 and MGF1-SHA-256, the default
+# pSourceFunc (empty label) omitted. Built once: asn1crypto takes ~7 ms to build it from dicts, and
+# loading the DER again per message costs microseconds.
+_KMS_KEY_ENCRYPTION_ALGORITHM = cms.KeyEncryptionAlgorithm(
+    {
+        "algorithm": "rsaes_oaep",
+        "parameters": algos.RSAESOAEPParams(
+            {
+                "hash_algorithm": {"algorithm": "sha256"},
+                "mask_gen_algorithm": {"algorithm": "mgf1", "parameters": {"algorithm": "sha256"}},
+            }
+        ),
+    }
+).dump()
 
 
 class CmsError(Exception):
@@ -248,20 +262,14 @@ def encrypt_for_recipient(plaintext: bytes, spki_der: bytes) -> bytes:
         asym_padding.OAEP(mgf=asym_padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None),
     )
 
-    # Explicit parameters, the default pSourceFunc (empty label) omitted: byte-identical to KMS's.
-    oaep_params = algos.RSAESOAEPParams(
-        {
-            "hash_algorithm": {"algorithm": "sha256"},
-            "mask_gen_algorithm": {"algorithm": "mgf1", "parameters": {"algorithm": "sha256"}},
-        }
-    )
     recipient = cms.KeyTransRecipientInfo(
         {
             "version": "v2",
             "rid": cms.RecipientIdentifier(
                 name="subject_key_identifier", value=hashlib.sha256(spki_der).digest()
             ),
-            "key_encryption_algorithm": {"algorithm": "rsaes_oaep", "parameters": oaep_params},
+            # A fresh object per message (asn1crypto objects are mutable), byte-identical to KMS's.
+            "key_encryption_algorithm": cms.KeyEncryptionAlgorithm.load(_KMS_KEY_ENCRYPTION_ALGORITHM),
             "encrypted_key": encrypted_key,
         }
     )
