@@ -152,32 +152,8 @@ def test_imds_down_keeps_readiness_false_and_logs_why(tmp_path: Path) -> None:
     manifest, config, port, _ = write_configs(
         tmp_path, {}, allow=[f"127.0.0.1:{dead_port}"], aws={"imds": dead}
     )
-    log = (tmp_path / "sidecar.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "run", "--manifest", str(manifest), "--config", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        body = ""
-        while time.monotonic() < deadline:
-            try:
-                status, body = get(f"http://127.0.0.1:{port}/enclave/ready")
-                if status == 503 and "imds_unavailable" in (tmp_path / "sidecar.log").read_text():
-                    break
-            except OSError:
-                pass
-            time.sleep(0.2)
-        assert proc.poll() is None  # still running
-        assert json.loads(body) == {"ready": False, "plugins": {"aws": "starting"}}
-        events = [json.loads(x) for x in (tmp_path / "sidecar.log").read_text().splitlines()]
-        failures = [e for e in events if e["event"] == "imds_unavailable"]
-        # The egress proxy could not connect: its 502 says so, and the reason reaches the log.
-        assert failures and "HTTP 502" in failures[0]["error"]
-        assert "Connection refused" in failures[0]["error"]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
-    assert proc.returncode == 0
+    events = _run_until_event(tmp_path, manifest, config, port, "imds_unavailable")
+    failures = [e for e in events if e["event"] == "imds_unavailable"]
+    # The egress proxy could not connect: its 502 says so, and the reason reaches the log.
+    assert failures and "HTTP 502" in failures[0]["error"]
+    assert "Connection refused" in failures[0]["error"]

@@ -6,22 +6,11 @@ import socket
 
 import click
 
-from sidecar.config import MANIFEST_ENV, ConfigError
+from sidecar.cli import fail, manifest_option
+from sidecar.config import MANIFEST_ENV, MANIFEST_SEARCH, ConfigError, find_config, load_manifest
 from sidecar.net.policy import EgressPolicy, PolicyError, parse_target
 
 EXIT_DENIED = 1
-
-
-# The same option as sidecar.cli.manifest_option. It is spelled out here because sidecar.cli will
-# import this module to attach the command, and importing sidecar.cli back at module level would
-# make the two modules' import order matter.
-def _manifest_option(f: click.decorators.FC) -> click.decorators.FC:
-    return click.option(
-        "--manifest",
-        "manifest_path",
-        metavar="FILE",
-        help=f"enclaver.yaml to use (default: ${MANIFEST_ENV}, ./enclaver.yaml, /etc/enclaver/enclaver.yaml)",
-    )(f)
 
 
 def resolve(host: str, port: int | None) -> list[str]:
@@ -32,7 +21,7 @@ def resolve(host: str, port: int | None) -> list[str]:
 
 @click.command("check")
 @click.argument("target")
-@_manifest_option
+@manifest_option
 @click.option(
     "--resolve",
     "do_resolve",
@@ -54,10 +43,6 @@ def check(target: str, manifest_path: str | None, do_resolve: bool) -> None:
 
     Exit code 0 allowed, 1 denied, 2 bad target or bad manifest.
     """
-    # Imported here, not at module level: sidecar.cli imports this module (see _manifest_option).
-    from sidecar.cli import fail
-    from sidecar.config import MANIFEST_SEARCH, find_config, load_manifest
-
     try:
         host, port = parse_target(target)
     except PolicyError as exc:
