@@ -78,6 +78,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+CHATTY_LIBRARIES = ("botocore", "boto3", "s3transfer", "urllib3", "werkzeug", "moto")
+
+
 def configure(level: str = "info", stream: IO[str] | None = None) -> None:
     """Send every ``sidecar`` and ``plugins`` logger (and aiohttp's) to ``stream`` as JSON lines."""
     handler = logging.StreamHandler(stream or sys.stderr)
@@ -92,6 +95,10 @@ def configure(level: str = "info", stream: IO[str] | None = None) -> None:
     # aiohttp logs client disconnects and bad requests at INFO/ERROR with details we report ourselves.
     logging.getLogger("aiohttp.access").propagate = False
     logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
+    # At DEBUG these libraries write signed request headers (the session token) and response bodies
+    # (plaintext data keys) to the log. They never go below INFO, whatever log.level says.
+    for name in CHATTY_LIBRARIES:
+        logging.getLogger(name).setLevel(max(logging.INFO, LEVELS[level]))
 
 
 def event(logger: logging.Logger, level: int, name: str, /, **fields: Any) -> None:
