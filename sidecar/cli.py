@@ -131,6 +131,14 @@ def serve(
         # straight out (still under the manifest's policy) and ingress is plain TCP.
         network = replace(settings.network, upstream="direct", vsock_ingress=False)
         settings = replace(settings, imds="off", network=network)
+    if not dev:
+        # A Nitro Enclave boots with `lo` down, and nothing reaches 127.0.0.1 until it is up.
+        from sidecar.loopback import bring_up_loopback
+
+        try:
+            bring_up_loopback()
+        except OSError as exc:
+            fail(f"cannot bring the loopback interface up: {exc.strerror or exc}", code=1)
     try:
         provide_services(services, manifest, settings, "emulator" if dev else None)
     except (NsmError, MeasureError, DevPkiError) as exc:
@@ -374,6 +382,28 @@ def measure(manifest_path: str | None, config_path: str | None, as_json: bool) -
         return
     for index, value in pcrs.items():
         click.echo(f"PCR{index} {value}")
+
+
+@cli.command("new-plugin")
+@click.argument("name")
+@click.option("--dir", "directory", metavar="DIR", help="an empty or new directory (default: ./sidecar-NAME)")
+def new_plugin(name: str, directory: str | None) -> None:
+    """Write a ready-to-install plugin package named NAME.
+
+    It has a pyproject.toml with the `sidecar` entry point, one route, a config schema, a test that
+    boots a real sidecar with the sidecar_factory fixture, and a README. NAME is lowercase letters,
+    digits and underscores. Exit code 0 written, 2 for a bad NAME or a DIR that is not empty.
+    """
+    from sidecar.scaffold import ScaffoldError, next_steps, write_plugin
+
+    try:
+        names, target, files = write_plugin(name, Path(directory) if directory else None)
+    except ScaffoldError as exc:
+        fail(str(exc))
+    click.echo(f"wrote plugin {names.name!r} (module {names.module}, distribution {names.distribution}):")
+    for relative in files:
+        click.echo(f"  {target / relative}")
+    click.echo(next_steps(names, target), nl=False)
 
 
 @cli.group()

@@ -433,8 +433,9 @@ def create_app(runtime: Runtime, listener: Listener, primary: bool = False) -> w
     """The application for one listener: core routes, plugin routes, the JSON 404/405 fallback.
 
     There is no middleware: each route's handler is wrapped once, here, with the request id, its
-    body limit, the plugin's readiness gate and the error boundary. A middleware would cost about
-    8% of throughput on its own (bench/RESULTS.md).
+    body limit, the plugin's readiness gate and the error boundary (:func:`wrap_handler`; the
+    synchronous core routes with :func:`wrap_core`). A middleware would cost about 8% of
+    throughput on its own (bench/RESULTS.md).
     """
     settings = runtime.settings
     routes = runtime.routes.get(listener, [])
@@ -507,7 +508,7 @@ def wrap_handler(
                 response = too_large(limit, request_id)
             else:
                 response = await handler(request.clone(client_max_size=limit) if clone else request)
-        except Exception as exc:  # not CancelledError (a BaseException): a cancelled request stays so
+        except Exception as exc:  # CancelledError is a BaseException: cancellation passes through
             response = failure(exc, request, request_id, listener, limit)
         response.headers[REQUEST_ID_HEADER] = request_id
         return response

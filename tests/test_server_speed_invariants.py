@@ -140,8 +140,8 @@ async def test_sensitive_route_logs_its_pattern_only(sc: Any) -> None:
     for name in ("Big Bird", "Oscar", "Elmo"):
         status, _, _ = await call(sc, "GET", f"/passenger/{name}", params={"q": name})
         assert status == 200
-    raw = sc.runtime.access_sink.stream.getvalue() + sc.runtime.access_sink.render(sc.runtime.access_sink.records)
     lines = access_lines(sc)
+    raw = sc.runtime.access_sink.stream.getvalue()
     assert not any(n in raw for n in ("Big", "Bird", "Oscar", "Elmo", "q="))
     assert [line["path"] for line in lines] == ["/passenger/{name}"] * 3
 

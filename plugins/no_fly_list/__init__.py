@@ -1,49 +1,79 @@
 """no_fly_list: passenger screening against a sealed no-fly list (GET /enclave/passenger).
 
-This build ships the plugin's shell: its entry point, config schema and the `sidecar no-fly`
-command group. Loading the sealed list and serving passengers are not part of it yet.
+At start-up the plugin fetches the sealed list (an S3 object or a local file), has attested KMS
+decrypt its data key, opens it and keeps only keyed hashes of the normalised names; then it serves
+``GET /enclave/passenger?name=NAME`` and ``POST /enclave/passengers`` on its ingress listener, with
+a per-client rate limit, and polls the envelope for changes. See :mod:`.service` for the HTTP API,
+:mod:`.normalize` for the matching rule, :mod:`.index` for what is kept in memory, and
+:mod:`.source` for where the list comes from.
 """
 
 from __future__ import annotations
 
-import click
+from collections.abc import AsyncIterator
 
-from sidecar import hookimpl
-from sidecar.schema import Int, Map, Str
+from plugins.no_fly_list.cli import register_commands as register_commands
+from plugins.no_fly_list.devworld import prepare_dev_world as prepare_dev_world
+from plugins.no_fly_list.service import NoFlyService
+from plugins.no_fly_list.source import check_location
+from sidecar import Listener, PluginContext, Route, hookimpl
+from sidecar.schema import Bool, Float, Int, Map, Str
 
-NOT_YET = "is not available in this build yet"
+SERVICE_KEY = "plugins.{name}.service"
 
 
 @hookimpl
 def register_config_schema() -> Map:
     return Map(
         fields={
-            "envelope": Str(doc="s3://bucket/key or a local path of the sealed list"),
-            "key_id": Str(doc="the KMS key (id, ARN or alias) that sealed the list"),
+            "envelope": Str(
+                required=True,
+                min_len=1,
+                check_fn=check_location,
+                doc="s3://bucket/key, or a local path (absolute, or relative to the working directory)",
+            ),
+            "key_id": Str(required=True, min_len=1, doc="the KMS key (id, ARN or alias) of the list"),
             "reload_interval": Int(min=0, default=60, doc="seconds between ETag polls; 0 turns reload off"),
+            "max_batch": Int(min=1, max=10_000, default=1000, doc="names per POST /enclave/passengers"),
+            "rate_limit": Map(
+                doc="per-client token bucket (client: the TCP peer address); one token per name checked",
+                fields={
+                    "enabled": Bool(default=True),
+                    "per_second": Float(min=0.001, default=20.0, doc="tokens added per second"),
+                    "burst": Int(min=1, default=40, doc="bucket size"),
+                    "max_clients": Int(min=1, default=10_000, doc="buckets kept (least recently used go)"),
+                },
+            ),
+            "metrics_interval": Int(min=0, default=60, doc="seconds between no_fly_metrics lines; 0: off"),
         }
     )
 
 
+def service_of(context: PluginContext) -> NoFlyService:
+    """The plugin's state for this sidecar (made on first use, kept with the sidecar's services)."""
+    key = SERVICE_KEY.format(name=context.name)
+    found = context.services.extra.get(key)
+    if found is None:
+        found = context.services.extra[key] = NoFlyService(context)
+    assert isinstance(found, NoFlyService)
+    return found
+
+
 @hookimpl
-def register_commands(cli: click.Group) -> None:
-    @cli.group("no-fly")
-    def no_fly() -> None:
-        """Operator tools for the no-fly list: seal, upload and check envelopes."""
-
-    @no_fly.command("seal", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-    def seal() -> None:
-        """Seal a list of names into an envelope with a KMS data key. (Not available yet; exits 2.)"""
-        raise click.exceptions.Exit(_not_yet("sidecar no-fly seal"))
-
-    @no_fly.command(
-        "check-envelope", context_settings={"ignore_unknown_options": True, "allow_extra_args": True}
-    )
-    def check_envelope() -> None:
-        """Validate an envelope's structure without decrypting it. (Not available yet; exits 2.)"""
-        raise click.exceptions.Exit(_not_yet("sidecar no-fly check-envelope"))
+def register_routes(listener: Listener, context: PluginContext) -> list[Route]:
+    return service_of(context).routes(listener)
 
 
-def _not_yet(command: str) -> int:
-    click.echo(f"error: `{command}` {NOT_YET}", err=True)
-    return 2
+@hookimpl
+async def lifespan(context: PluginContext) -> AsyncIterator[None]:
+    state = service_of(context)
+    await state.start()  # PluginStartupError (a public reason) when the list cannot be loaded
+    try:
+        yield
+    finally:
+        await state.stop()
+
+
+@hookimpl
+def readiness(context: PluginContext) -> str | None:
+    return service_of(context).readiness()

@@ -85,7 +85,12 @@ class DevWorld:
             "KeyMetadata"
         ]["KeyId"]
         if alias:
-            kms.create_alias(AliasName=alias, TargetKeyId=key_id)
+            try:
+                kms.create_alias(AliasName=alias, TargetKeyId=key_id)
+            except kms.exceptions.AlreadyExistsException:
+                # moto's backend is per process: a second world in one process (tests) finds the
+                # first one's alias. Point it at the new key, as a re-created world would.
+                kms.update_alias(AliasName=alias, TargetKeyId=key_id)
         return key_id
 
     @property
