@@ -1,58 +1,63 @@
 """no_fly_list at scale: load time and RSS of the sealed list, and requests/s of /enclave/passenger.
 
-Two benchmarks (``load`` and ``http``; ``all``, the default, runs both).
+Subcommands: ``load``, ``http`` and ``breakdown``; ``all`` (the default) runs the three.
 
 load: a sealed list of 100k, 1M and 5M names, loaded in a fresh process per measurement
     Names are synthetic and deterministic: "First Last" / "First Middle Last" / "First Last-Last"
     display forms whose normalised form (no whitespace, casefolded) is 12 to 20 characters; about
-    8% use non-ASCII letters (accented Latin, Cyrillic, Greek). The payload is the original's
-    format: normalised names, comma-separated, one trailing newline. Smaller lists are prefixes of
-    the 5M one. Each list is sealed once in this process with a random 32-byte data key (there is
-    no KMS here: the KMS hop is not part of "load time"):
+    4% use non-ASCII letters (accented Latin, Cyrillic, Greek), only ones both the original's rule
+    and ours normalise alike. The payload is the original's format: normalised names,
+    comma-separated, one trailing newline. Smaller lists are prefixes of the 5M one. Each list is
+    sealed once in this process with a random 32-byte data key (no KMS: the KMS hop is not part of
+    "load time"):
 
     ours         our AEAD envelope (``seal_envelope``)      -> ``NameIndex.from_payload``
     ours-fernet  the original's Fernet envelope (``seal_fernet_envelope``) -> ``NameIndex.from_payload``
-    set          the original's Fernet envelope -> ``set(payload.decode().rstrip("\\n").split(","))``,
-                 the plain Python set of names the original app kept
+    set          the original app's own steps on its Fernet envelope: ``json.loads``, Fernet decrypt,
+                 ``set(payload.decode().rstrip("\\n").split(","))``: the plain set of names it kept
 
     Each measurement is its own ``python bench/bench_passenger.py _load-child ...`` process: it
     imports everything first, reads VmRSS, reads the envelope file (not timed: that is the fetch),
-    then times ``parse_envelope`` + ``open_envelope`` + building the index (the "load time"; the
-    three are also shown apart), drops everything but the index, runs ``gc.collect()`` and reads
-    VmRSS again. "retained" is that difference (what the list costs for as long as the sidecar
-    runs, malloc's free lists included); "peak" is VmHWM minus the first VmRSS (the envelope, the
-    plaintext and the index at once: what the enclave's memory must allow at start-up). The child
-    then checks 200 verdicts (100 listed, 100 unlisted display names) and the index's length, so a
-    broken index cannot post a good number. Rounds are interleaved (each round runs every size and
-    variant once, variants in a rotated order); the report gives medians.
+    then times parsing + decryption + building the index (the "load time"; the three are also shown
+    apart), drops everything but the index, runs ``gc.collect()`` and reads VmRSS again.
+    "retained" is that difference (what the list costs for as long as the sidecar runs, malloc's
+    free lists included); "peak" is VmHWM minus the first VmRSS (envelope, plaintext and index at
+    once: what the enclave's memory must allow at start-up). The child then checks 200 verdicts
+    (100 listed, 100 unlisted display names) and the index's length, so a broken index cannot post a
+    good number. Rounds are interleaved (each round runs every size and variant once, variants in a
+    rotated order); the report gives medians. Children are not pinned (``--pin`` pins them).
 
     Targets: a 1M-name list loads (``ours``) in under 3 s; under 120 bytes of RSS per name
-    (``ours``, retained).
+    (``ours``, retained, worst size).
 
 http: requests/s and p99 of ``GET /enclave/passenger?name=...``
     Each server its own process, loaded one at a time with ``wrk -t1 -c50 --latency`` and a Lua
     script that cycles through a fixed mix of 256 query URLs (plus ``Big Bird``): half listed and
-    half unlisted names, display forms with spaces and capitals (so normalisation does work), ~10% non-ASCII
-    (percent-encoded UTF-8). Every server holds the same list (``--http-names``, default 1M plus
-    the Sesame Street cast) and, before any load, must give the expected text for every URL of
-    the mix. Servers:
+    half unlisted names, display forms with spaces and capitals (so normalisation does work), ~10%
+    non-ASCII (percent-encoded UTF-8). Every server holds the same list (``--http-names``, default
+    1M plus the Sesame Street cast) and, before any load, must give the expected text for every
+    URL of the mix; a run with any non-2xx answer under load (except ours-429) stops with an error.
 
     bare         a bare aiohttp handler: the original's normalisation ("".join(name.split()).lower()),
                  a frozenset lookup, the same response text, ``access_log=None``: the limit for this
                  stack
+    bare+plugin  a bare aiohttp app routing straight to the plugin's ``handle_passenger`` (rate limit
+                 off, no per-route wrapper, no request id, no access log): tells the plugin's own
+                 cost apart from the sidecar runtime's
     flask        the original design: a Flask app (``python -m flask run``: the Flask dev server,
                  threaded by default, its request log to a file) with plain set membership
-    ours         ``sidecar dev`` with only no_fly_list enabled, ``log.access: true`` (as shipped),
-                 rate limit off (``rate_limit: {enabled: false}``): the whole real path (routes,
-                 per-route wrapper, normalise, keyed hash, response) with the list from S3 through
-                 attested KMS. `sidecar dev` starts a fresh moto, so the list cannot be sealed
-                 before it starts: its ``prepare_dev_world`` seals the demo list to
-                 ``s3://bench-no-fly/list.json`` under ``alias/bench-no-fly``; once it is ready the
-                 bench seals its own list there with the plugin's ``seal_names`` (what ``sidecar
-                 no-fly seal`` runs) and the plugin's ETag poll (``reload_interval: 10``) swaps it
-                 in. One poll every 10 s stays during the measurements (a HEAD to moto, in the same
-                 process: well under 1% of a round). moto, the KMS front and IMDS share the
-                 process and sit idle under load.
+    ours         ``sidecar dev`` with no_fly_list, ``log.access: true`` (as shipped), rate limit off
+                 (``rate_limit: {enabled: false}``), ``reload_interval: 0``: the whole real path
+                 (listener, per-route wrapper, plugin handler, access log) with the list fetched from
+                 S3 and its data key decrypted by attested KMS at start-up. `sidecar dev` starts a
+                 fresh moto, so the list is sealed inside it before start-up by a throwaway
+                 third-party plugin (``bench_no_fly_seed``, installed in a temporary site dir, listed
+                 before no_fly_list) whose only hook is ``prepare_dev_world``: it makes the bucket
+                 and a key pinned to the measured PCR0 and runs the plugin's ``seal_names`` (what
+                 ``sidecar no-fly seal`` runs), as the NF e2e test does. It does nothing per request.
+                 (An earlier version swapped the list in by hot reload; its ETag poll every 10 s
+                 added ~10k instructions per request under valgrind, so reload is off here.) moto,
+                 the KMS front and IMDS share the process and sit idle under load.
     ours-nolog   the same with ``log.access: false``
     ours-429     the same as ``ours`` with the plugin's DEFAULT rate limit: wrk is one client, so
                  after the burst nearly every answer is a 429; shows what a refused request costs.
@@ -64,17 +69,32 @@ http: requests/s and p99 of ``GET /enclave/passenger?name=...``
     marked ``*``. Reported per server: median requests/s, p99, the server process's CPU time per
     request (steadier than requests/s on a shared VM) and CPU busy.
 
+    ``--profile``: afterwards one more run per server under ``py-spy record --nonblocking``, and a
+    table of CPU us per request by function (inclusive).
+    ``--instructions N``: instead of wrk, each server (not flask, not ours-429) under valgrind's
+    callgrind; after a warm-up the user-space instructions of exactly N requests (8 keep-alive
+    connections cycling through the mix) are counted. Repeatable to ~0.5%: shows what wrk's noise
+    hides on a shared VM. Under valgrind time-driven work (the access log's 0.25 s flush) happens
+    per fewer requests, so the access log's share is somewhat overstated.
+
     Targets: ours >= 0.85x bare; ours >= 5x flask (requests/s, median over median).
 
-How to run
-    .venv/bin/python bench/bench_passenger.py                       # both, default sizes
-    .venv/bin/python bench/bench_passenger.py load --sizes 100k,1M,5M --rounds 3
-    .venv/bin/python bench/bench_passenger.py http --rounds 7 --duration 4
-    .venv/bin/python bench/bench_passenger.py http --servers bare,flask  # baselines only
+breakdown: the pieces of the handler timed in this process (no server), on aiohttp's mocked
+    requests: bare's handler, the plugin's, inside the sidecar's wrap_handler, the 429 path, and
+    query parsing, validation, normalisation, membership and response construction alone.
 
-The exit code is 0 whether the targets are met or not (this is a report; the last lines say PASS or
-FAIL); it is 1 only when something cannot run (a server does not start, a verdict is wrong, wrk
-fails).
+How to run
+    .venv/bin/python bench/bench_passenger.py                       # load, http, breakdown
+    .venv/bin/python bench/bench_passenger.py load --sizes 100k,1M,5M --load-rounds 3
+    .venv/bin/python bench/bench_passenger.py http --rounds 7 --duration 4 --profile
+    .venv/bin/python bench/bench_passenger.py http --servers bare,flask  # baselines only
+    .venv/bin/python bench/bench_passenger.py http --instructions 4000 --http-names 20000 \\
+        --servers bare,bare+plugin,ours-nolog,ours                  # needs valgrind
+
+Needs wrk (``apt-get install -y wrk``), Flask (in the dev extra, through moto[server]); py-spy for
+``--profile`` and valgrind for ``--instructions``. The exit code is 0 whether the targets are met
+or not (this is a report; the last lines say PASS or FAIL); it is 1 only when something cannot run
+(a server does not start, a verdict is wrong, wrk fails).
 """
 
 from __future__ import annotations
@@ -123,14 +143,14 @@ FLASK_RATIO_TARGET = 5.0
 SEED = 20261128
 SIZES = {"100k": 100_000, "1M": 1_000_000, "5M": 5_000_000}
 LOAD_VARIANTS = ("ours", "ours-fernet", "set")
-HTTP_SERVERS = ("bare", "flask", "ours", "ours-nolog", "ours-429")
+HTTP_SERVERS = ("bare", "bare+plugin", "flask", "ours", "ours-nolog", "ours-429")
 MIX_SIZE = 256
 PROBES = 100  # listed and unlisted names each, checked by every load child
-# ours: where `sidecar dev` finds the list (prepare_dev_world seals the demo list there; the bench
-# then seals its own over it), and how often the plugin polls the object's ETag.
-OURS_ENVELOPE = "s3://bench-no-fly/list.json"
+# ours: where `sidecar dev` finds the list; the bench's seed plugin puts it there before start-up.
+OURS_BUCKET = "bench-no-fly"
+OURS_ENVELOPE = f"s3://{OURS_BUCKET}/list.json"
 OURS_KEY_ID = "alias/bench-no-fly"
-OURS_RELOAD_INTERVAL = 10
+SEED_PLUGIN_NAME = "bench_no_fly_seed"
 PLACEHOLDER_KEY_CIPHERTEXT = b"bench: not a KMS ciphertext".ljust(184, b".")
 
 SESAME = [
@@ -684,6 +704,32 @@ BARE_APP = textwrap.dedent(
     """
 )
 
+# The plugin's own handler with nothing of the sidecar around it: no per-route wrapper, no request
+# id, no access log. Tells the plugin's cost apart from the sidecar runtime's.
+PLUGIN_BARE_APP = textwrap.dedent(
+    """
+    import sys, tempfile
+    from pathlib import Path
+    from aiohttp import web
+    from plugins.no_fly_list.index import NameIndex
+    from plugins.no_fly_list.service import NoFlyService
+    from sidecar.context import PluginContext, Services
+
+    config = {
+        "envelope": "unused", "key_id": "unused", "reload_interval": 0, "max_batch": 1000,
+        "metrics_interval": 0,
+        "rate_limit": {"enabled": False, "per_second": 20.0, "burst": 40, "max_clients": 10000},
+    }
+    context = PluginContext("no_fly_list", config, None, Path(tempfile.gettempdir()), Services())
+    service = NoFlyService(context)
+    with open(sys.argv[1], "rb") as f:
+        service.index = NameIndex.from_payload(bytearray(f.read()))
+    app = web.Application()
+    app.router.add_get("/enclave/passenger", service.handle_passenger)
+    web.run_app(app, host="127.0.0.1", port=int(sys.argv[2]), access_log=None, print=None)
+    """
+)
+
 # The original design: Flask, a set of names, the original's normalisation (and its 500 on a
 # missing name). `python -m flask run` is the Flask dev server, threaded by default.
 FLASK_APP = textwrap.dedent(
@@ -804,8 +850,44 @@ def write_wrk_script(path: Path, mix: list[tuple[str, bool]]) -> list[str]:
     return paths
 
 
+# A throwaway third-party plugin whose only hook is prepare_dev_world, listed before no_fly_list:
+# it does what an operator does before the enclave starts (bucket, a key pinned to this sidecar's
+# PCR0, the list sealed with the plugin's own seal_names -- what `sidecar no-fly seal` runs --
+# and uploaded). no_fly_list's prepare_dev_world then finds the object and leaves it alone, and its
+# lifespan loads it through S3 and attested KMS. Nothing of it runs per request.
+SEED_PLUGIN = textwrap.dedent(
+    f"""
+    import os
+
+    from sidecar import hookimpl
+
+
+    @hookimpl
+    def prepare_dev_world(world, context):
+        from plugins.no_fly_list.cli import seal_names, upload
+
+        with open(os.environ["BENCH_NO_FLY_NAMES"], encoding="utf-8") as f:
+            names = f.read().rstrip("\\n").split(",")
+        world.admin("s3").create_bucket(Bucket={OURS_BUCKET!r})
+        world.create_key(world.pcr0.hex(), {OURS_KEY_ID!r})
+        sealed = seal_names(world.admin("kms"), {OURS_KEY_ID!r}, names)
+        upload(world.admin("s3"), {OURS_ENVELOPE!r}, sealed.envelope)
+    """
+)
+
+
+def install_seed_plugin(site: Path) -> Path:
+    """The seed plugin as pip would leave it: a module and a dist-info with a [sidecar] entry point."""
+    info = site / "bench_no_fly_seed-0.0.1.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: bench-no-fly-seed\nVersion: 0.0.1\n")
+    (info / "entry_points.txt").write_text(f"[sidecar]\n{SEED_PLUGIN_NAME} = {SEED_PLUGIN_NAME}\n")
+    (site / f"{SEED_PLUGIN_NAME}.py").write_text(SEED_PLUGIN)
+    return site
+
+
 def ours_configs(directory: Path, access: bool, rate_limit: bool) -> tuple[Path, Path, int]:
-    """enclaver.yaml and sidecar.yaml for `sidecar dev` with only no_fly_list enabled."""
+    """enclaver.yaml and sidecar.yaml for `sidecar dev`: no_fly_list, and the seed plugin before it."""
     directory.mkdir(parents=True, exist_ok=True)
     ingress, api, kms_proxy, egress = free_ports(4)
     manifest = directory / "enclaver.yaml"
@@ -845,12 +927,13 @@ def ours_configs(directory: Path, access: bool, rate_limit: bool) -> tuple[Path,
             attestation: {{nsm: emulator}}
             aws: {{imds: "off"}}
             plugins:
+              {SEED_PLUGIN_NAME}: {{}}
               no_fly_list:
                 listen_port: {ingress}
                 config:
                   envelope: {OURS_ENVELOPE}
                   key_id: {OURS_KEY_ID}
-                  reload_interval: {OURS_RELOAD_INTERVAL}{rate}
+                  reload_interval: 0{rate}
             """
         )
     )
@@ -869,6 +952,17 @@ def make_servers(tmp: Path, wanted: Sequence[str], names_file: Path) -> list[Ser
                     port,
                     [PYTHON, "-c", BARE_APP, str(names_file), str(port)],
                     tmp / "bare.log",
+                )
+            )
+        elif name == "bare+plugin":
+            (port,) = free_ports(1)
+            servers.append(
+                Server(
+                    "bare+plugin",
+                    "bare aiohttp app routing to the plugin's handle_passenger (no wrapper, no access log)",
+                    port,
+                    [PYTHON, "-c", PLUGIN_BARE_APP, str(names_file), str(port)],
+                    tmp / "bare+plugin.log",
                 )
             )
         elif name == "flask":
@@ -893,13 +987,22 @@ def make_servers(tmp: Path, wanted: Sequence[str], names_file: Path) -> list[Ser
             limited = name == "ours-429"
             manifest, settings, port = ours_configs(tmp / name, access=access, rate_limit=limited)
             what = "default rate limit" if limited else "rate limit off"
+            site = install_seed_plugin(tmp / "seed-site")
+            env = {
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(
+                    filter(None, [str(site), str(ROOT), os.environ.get("PYTHONPATH")])
+                ),
+                "BENCH_NO_FLY_NAMES": str(names_file),
+            }
             servers.append(
                 Server(
                     name,
-                    f"sidecar dev, no_fly_list only, log.access: {'true' if access else 'false'}, {what}",
+                    f"sidecar dev, no_fly_list, log.access: {'true' if access else 'false'}, {what}",
                     port,
                     [str(BIN / "sidecar"), "dev", "--manifest", str(manifest), "--config", str(settings)],
                     tmp / f"{name}.log",
+                    env=env,
                     ready_path=READY,
                     expects_429=limited,
                 )
@@ -960,6 +1063,8 @@ def wait_ready(server: Server, timeout: float = START_TIMEOUT) -> None:
             if status == 200:
                 return
             last = f"HTTP {status} {body[:200]}"
+            if status == 500:  # a broken server, not one still starting (ours says 503 until loaded)
+                raise RuntimeError(f"{server.name} answered {last}\n{tail(server)}")
         except (OSError, http.client.HTTPException) as exc:
             last = str(exc) or type(exc).__name__
         time.sleep(0.2)
@@ -971,7 +1076,7 @@ def wait_ready(server: Server, timeout: float = START_TIMEOUT) -> None:
 def check_verdicts(server: Server, mix: list[tuple[str, bool]], paths: list[str]) -> None:
     """Every URL of the mix gives the expected text (ours-429: only the first, before the burst ends)."""
     for (name, listed), path in zip(mix, paths, strict=True):
-        status, body = http_get(server.port, path)
+        status, body = http_get(server.port, path, timeout=60.0)  # 60: valgrind is slow
         if status != 200 or body != expected_text(name, listed):
             raise RuntimeError(
                 f"{server.name}: {path} answered {status} {body[:160]!r}, "
@@ -1064,54 +1169,15 @@ def record(server: Server, m: Measurement) -> None:
     server.errors.append(m.result.socket_errors)
 
 
-def devworld_moto_url(server: Server, timeout: float = 30.0) -> str:
-    """The dev world's moto URL, from the ``devworld_ready`` line in the server's log."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            for line in server.log_path.read_text(errors="replace").splitlines():
-                if '"devworld_ready"' in line:
-                    with contextlib.suppress(ValueError):
-                        url = json.loads(line).get("s3")
-                        if isinstance(url, str) and url.startswith("http://"):
-                            return url
-        time.sleep(0.2)
-    raise RuntimeError(f"{server.name}: no devworld_ready line with the moto URL in its log\n{tail(server)}")
-
-
-def seed_ours(server: Server, names: Sequence[str], probe: str, reload_interval: int) -> str:
-    """Seal the bench's list in ``server``'s dev world, as an operator would, and wait for the reload.
-
-    `sidecar dev` starts a fresh moto (so a fresh KMS key) each time, and the plugin has loaded the
-    demo list by the time it is ready. The list is sealed with the plugin's own ``seal_names`` (what
-    ``sidecar no-fly seal`` runs) under a data key from the dev world's KMS, uploaded over the demo
-    envelope, and picked up by the plugin's ETag poll; ``probe`` (a listed name) is then denied.
-    """
-    import boto3
-
-    from plugins.no_fly_list.cli import seal_names, upload
-    from sidecar.devworld.world import ADMIN, REGION
-
-    moto = devworld_moto_url(server)
-    t0 = time.perf_counter()
-    kms = boto3.client("kms", endpoint_url=moto, region_name=REGION, **ADMIN)
-    s3 = boto3.client("s3", endpoint_url=moto, region_name=REGION, **ADMIN)
-    sealed = seal_names(kms, OURS_KEY_ID, list(names))
-    upload(s3, OURS_ENVELOPE, sealed.envelope)
-    sealed_s = time.perf_counter() - t0
-    path = f"{PASSENGER}?name={urllib.parse.quote(probe, safe='')}"
-    deadline = time.monotonic() + reload_interval + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if server.proc is not None and server.proc.poll() is not None:
-            raise RuntimeError(f"{server.name} exited with code {server.proc.returncode}\n{tail(server)}")
-        status, body = http_get(server.port, path)
-        if status == 200 and body == expected_text(probe, True):
-            return (
-                f"{sealed.count:,} names sealed and uploaded in {sealed_s:.1f}s, "
-                f"reloaded {time.perf_counter() - t0 - sealed_s:.1f}s later"
-            )
-        time.sleep(0.5)
-    raise RuntimeError(f"{server.name}: the bench list was not loaded in time\n{tail(server)}")
+def loaded(server: Server) -> str:
+    """What the plugin's no_fly_loaded line says (entries, kind), from the server's log."""
+    with contextlib.suppress(OSError):
+        for line in server.log_path.read_text(errors="replace").splitlines():
+            if '"no_fly_loaded"' in line:
+                with contextlib.suppress(ValueError):
+                    record = json.loads(line)
+                    return f"no_fly_loaded: {record.get('entries')} entries, {record.get('kind')}"
+    return "no no_fly_loaded line in its log"
 
 
 def run_http(args: argparse.Namespace) -> int:
@@ -1148,11 +1214,12 @@ def run_http(args: argparse.Namespace) -> int:
             servers = make_servers(tmp, wanted, names_file)
             for s in servers:
                 start(s, server_prefix)
+            started_at = time.monotonic()
             for s in servers:
                 wait_ready(s)
                 if s.name.startswith("ours"):
                     print(
-                        f"  {s.name:<11} {seed_ours(s, listed, names[0], OURS_RELOAD_INTERVAL)}", flush=True
+                        f"  {s.name:<11} ready {time.monotonic() - started_at:.1f}s after start ({loaded(s)})"
                     )
                 check_verdicts(s, mix, paths)
                 note = f"; {check_429(s, paths[0])}" if s.expects_429 else ""
@@ -1336,6 +1403,16 @@ def report_http(servers: list[Server], args: argparse.Namespace, elapsed: float,
                     )
             _, line = ratio(ours, by["ours-nolog"])
             print(f"  ours/ours-nolog   {line}   <- cost of the access log")
+        if "bare+plugin" in by and "bare" in by:
+            _, line = ratio(by["bare+plugin"], by["bare"])
+            cpu = cpu_ratio(by["bare+plugin"], by["bare"])
+            print(f"  bare+plugin/bare  {line}   CPU {cpu}   <- the plugin's handler")
+        if "bare+plugin" in by and "ours-nolog" in by:
+            _, line = ratio(by["ours-nolog"], by["bare+plugin"])
+            print(
+                f"  ours-nolog/bare+plugin {line}   CPU {cpu_ratio(by['ours-nolog'], by['bare+plugin'])}"
+                "   <- the sidecar runtime"
+            )
         if "bare" in by:
             r, _ = ratio(ours, by["bare"])
             verdicts.append(
@@ -1371,6 +1448,126 @@ def report_http(servers: list[Server], args: argparse.Namespace, elapsed: float,
         print()
         for v in verdicts:
             print(v)
+
+
+# ---------------------------------------------------------------------------- instructions
+
+
+async def _keepalive_requests(port: int, paths: Sequence[str], total: int, connections: int = 8) -> int:
+    """``total`` GETs cycling through ``paths`` over ``connections`` keep-alive connections."""
+    import asyncio
+
+    async def one(offset: int, count: int) -> None:
+        reader, writer = await asyncio.open_connection(HOST, port)
+        try:
+            for i in range(count):
+                path = paths[(offset + i) % len(paths)]
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+                head = await reader.readuntil(b"\r\n\r\n")
+                if not head.startswith(b"HTTP/1.1 2"):
+                    raise RuntimeError(f"unexpected answer: {head[:80]!r}")
+                length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+                await reader.readexactly(int(length.group(1)) if length else 0)
+        finally:
+            writer.close()
+
+    per = max(1, total // connections)
+    await asyncio.wait_for(asyncio.gather(*(one(c * 37, per) for c in range(connections))), 3600)
+    return per * connections
+
+
+def _callgrind_total(path: Path) -> int | None:
+    with contextlib.suppress(OSError):
+        match = re.search(r"^(?:summary|totals):\s+(\d+)", path.read_text(errors="replace"), re.M)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def run_instructions(args: argparse.Namespace) -> int:
+    """User-space instructions per request under valgrind's callgrind: deterministic, noise-free."""
+    import asyncio
+
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        print("error: --instructions needs valgrind (apt-get install -y valgrind)", file=sys.stderr)
+        return 1
+    wanted = [w for w in args.servers if w not in ("flask", "ours-429")]
+    requests: int = args.instructions
+    print()
+    print(
+        f"== instructions: {requests} requests over 8 keep-alive connections cycling through the mix, "
+        "after 400 to warm up; servers under `valgrind --tool=callgrind --instr-atstart=no`"
+    )
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-passenger-instr-") as tmp_name:
+        tmp = Path(tmp_name)
+        names = generate_names(args.http_names)
+        listed = list(names) + SESAME
+        names_file = tmp / "names.txt"
+        names_file.write_bytes(payload_of(listed))
+        mix = query_mix(names)
+        paths = [f"{PASSENGER}?name={urllib.parse.quote(name, safe='')}" for name, _ in mix]
+        print(f"list: {len(listed):,} names; mix: {len(mix)} URLs")
+        for server in make_servers(tmp, wanted, names_file):
+            out = tmp / f"{server.name}.callgrind"
+            prefix = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}.%p"]
+            prefix.append("--dump-instr=no")
+            t0 = time.monotonic()
+            start(server, prefix)
+            try:
+                wait_ready(server, timeout=1800)
+                check_verdicts(server, mix, paths)
+                asyncio.run(_keepalive_requests(server.port, paths, 400))
+                assert server.proc is not None
+                pid = str(server.proc.pid)
+                for flag in ("-i", "on"), ("-z",):
+                    subprocess.run(
+                        ["callgrind_control", *flag, pid], capture_output=True, check=True, timeout=300
+                    )
+                done = asyncio.run(_keepalive_requests(server.port, paths, requests))
+                subprocess.run(["callgrind_control", "-d", pid], capture_output=True, check=True, timeout=300)
+                dump = Path(f"{out}.{pid}.1")
+                total = None
+                for _ in range(600):  # callgrind_control returns once the dump is requested
+                    total = _callgrind_total(dump)
+                    if total is not None:
+                        break
+                    time.sleep(0.1)
+                if total is None:
+                    raise RuntimeError(f"{server.name}: no callgrind dump at {dump}")
+                results[server.name] = total / done
+                print(
+                    f"  {server.name:<11} {results[server.name]:>10,.0f} instructions/request "
+                    f"({time.monotonic() - t0:.0f}s under valgrind)",
+                    flush=True,
+                )
+            except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            finally:
+                stop(server)
+    if "bare" in results:
+        print()
+        print("instructions per request of bare over the server's (the throughput ratio they predict):")
+        for name, value in results.items():
+            if name != "bare":
+                print(f"  bare/{name:<12} {results['bare'] / value:6.3f}   (+{value - results['bare']:,.0f})")
+        steps = [
+            ("bare", "bare+plugin", "the plugin's handler (validation, normalise, keyed hash, headers)"),
+            ("bare+plugin", "ours-nolog", "the sidecar runtime (per-route wrapper, request id, sidecar dev)"),
+            ("ours-nolog", "ours", "the access log"),
+        ]
+        print("where the extra instructions per request go:")
+        for a, b, what in steps:
+            if a in results and b in results:
+                print(f"  {b:<11} - {a:<11} {results[b] - results[a]:>+9,.0f}  {what}")
+        if "ours" in results:
+            r = results["bare"] / results["ours"]
+            print(
+                f"instructions bare/ours = {r:.3f} (target for requests/s >= {BARE_RATIO_TARGET}): "
+                f"{'PASS' if r >= BARE_RATIO_TARGET else 'FAIL'}"
+            )
+    return 0
 
 
 # ---------------------------------------------------------------------------- breakdown
@@ -1449,10 +1646,10 @@ def run_breakdown(args: argparse.Namespace) -> int:
     fake_runtime = argparse.Namespace(request_ids=request_ids())
     listener = Listener(audience="ingress", port=8001)
     # The limits create_app gives the GET route: its own (the 1 MiB default) and the app's (the
-    # largest route limit: the batch route's), so the wrapper clones the request as it does live.
+    # largest route limit), so the wrapper clones the request exactly when the live server would.
     route_limits = [r.max_body_bytes or 0 for r in ours.routes(listener)]
     app_limit = max([1 << 20, *route_limits])
-    wrapped = wrap_handler(fake_runtime, listener, ours.handle_passenger, 1 << 20, app_limit)  # type: ignore[arg-type]
+    wrapped = wrap_handler(fake_runtime, listener, ours.handle_passenger, 1 << 20, app_limit)
 
     def requests(count: int) -> list[Any]:
         out = []
@@ -1463,7 +1660,9 @@ def run_breakdown(args: argparse.Namespace) -> int:
         return out
 
     reps = args.repeats
-    rounds = 8  # fresh mocked requests per pass: request.query is computed once per request
+    rounds = (
+        2  # fresh mocked requests per pass (request.query is computed once per request); ~2 ms each to make
+    )
     display = [name for name, _ in mix]
     normalized = [normalize(n) for n in display]
     original = [normalize_original(n) for n in display]
@@ -1497,9 +1696,6 @@ def run_breakdown(args: argparse.Namespace) -> int:
     rows.append(("ours handle_passenger, whole (rate limit off)", handler_us(ours.handle_passenger)))
     rows.append(
         (f"ours handle_passenger inside wrap_handler (clones: {app_limit != (1 << 20)})", handler_us(wrapped))
-    )
-    rows.append(
-        ("  request.clone(client_max_size=...) alone", query_us(lambda r: r.clone(client_max_size=1 << 20)))
     )
     rows.append(("ours handle_passenger answering 429 (limiter on)", handler_us(limited.handle_passenger)))
     rows.append(("  request.query.get('name') (bare)", query_us(lambda r: r.query.get("name"))))
@@ -1575,7 +1771,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--load-rounds", dest="load_rounds", type=int, default=3, help="fresh processes per cell"
     )
-    parser.add_argument("--servers", type=csv_choice(HTTP_SERVERS), default=list(HTTP_SERVERS), help="http")
+    parser.add_argument(
+        "--servers",
+        type=csv_choice(HTTP_SERVERS),
+        default=list(HTTP_SERVERS),
+        help="http servers (comma-separated)",
+    )
     parser.add_argument("--http-names", type=int, default=1_000_000, help="names every http server holds")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved http rounds")
     parser.add_argument("--duration", type=int, default=4, help="seconds of wrk load per server per round")
@@ -1584,6 +1785,12 @@ def main(argv: list[str] | None = None) -> int:
         "--profile",
         action="store_true",
         help="http: then one more run per server under py-spy (CPU by function)",
+    )
+    parser.add_argument(
+        "--instructions",
+        type=int,
+        metavar="N",
+        help="http: instead of wrk, count instructions per request over N requests under valgrind",
     )
     parser.add_argument("--repeats", type=int, default=5, help="breakdown: passes per piece (best is kept)")
     parser.add_argument(
@@ -1609,7 +1816,9 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     if args.what in ("all", "load"):
         code |= run_load(_with(args, rounds=args.load_rounds))
-    if args.what in ("all", "http"):
+    if args.what in ("all", "http") and args.instructions is not None:
+        code |= run_instructions(args)
+    elif args.what in ("all", "http"):
         code |= run_http(args)
     if args.what in ("all", "breakdown"):
         code |= run_breakdown(args)
