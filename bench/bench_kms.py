@@ -87,6 +87,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import boto3
+from benchlib import machine_cpu_seconds, process_cpu_seconds
 from botocore.config import Config
 
 from sidecar.attestation.emulator import DevPki, NsmEmulator
@@ -384,27 +385,6 @@ def make_paths(setup: Setup, state: Path) -> dict[str, Callable[[], None]]:
             raise RuntimeError("plain: wrong plaintext")
 
     return {"proxy": proxy, "direct": direct, "plain": plain}
-
-
-def process_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process so far (Linux /proc), or None elsewhere."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def machine_cpu_seconds() -> float | None:
-    """Busy CPU time of the whole machine, all cores (Linux /proc/stat), or None elsewhere."""
-    try:
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-    guest = sum(values[8:10])  # guest time is already counted in user time
-    return (sum(values) - idle - guest) / os.sysconf("SC_CLK_TCK")
 
 
 def ours_cpu_seconds(setup: Setup) -> float | None:

@@ -125,7 +125,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchlib import ROOT, git_revision
+from benchlib import (
+    ROOT,
+    children_cpu_seconds,
+    git_revision,
+    machine_cpu_seconds,
+    pin_cpus,
+    process_cpu_seconds,
+)
 
 HOST = "127.0.0.1"
 PASSENGER = "/enclave/passenger"
@@ -290,40 +297,6 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
-
-
-def machine_cpu_seconds() -> float | None:
-    """Busy CPU time of the whole machine, all cores (Linux /proc/stat), or None elsewhere."""
-    try:
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-    guest = sum(values[8:10])  # guest time is already counted in user time
-    return (sum(values) - idle - guest) / os.sysconf("SC_CLK_TCK")
-
-
-def children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def process_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a running process, threads included (Linux /proc)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def pin_cpus() -> tuple[list[str], list[str]] | None:
-    """``taskset`` prefixes: (servers on the last CPU, the load generator on the first), or None."""
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if len(cpus) < 2 or shutil.which("taskset") is None:
-        return None
-    return ["taskset", "-c", str(cpus[-1])], ["taskset", "-c", str(cpus[0])]
 
 
 def free_ports(count: int) -> list[int]:

@@ -52,7 +52,6 @@ import http.client
 import os
 import platform
 import re
-import resource
 import shutil
 import socket
 import statistics
@@ -64,7 +63,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchlib import git_revision
+from benchlib import (
+    children_cpu_seconds,
+    git_revision,
+    machine_cpu_seconds,
+    pin_cpus,
+    process_cpu_seconds,
+)
 
 HOST = "127.0.0.1"
 HEALTH = "/enclave/health"
@@ -248,14 +253,6 @@ def start(server: Server, cwd: Path, prefix: list[str] | None = None) -> None:
         )
 
 
-def pin_cpus() -> tuple[list[str], list[str]] | None:
-    """``taskset`` prefixes: (servers on the last CPU, the load generator on the first), or None."""
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if len(cpus) < 2 or shutil.which("taskset") is None:
-        return None
-    return ["taskset", "-c", str(cpus[-1])], ["taskset", "-c", str(cpus[0])]
-
-
 def wait_healthy(server: Server, timeout: float = START_TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     last = "no answer"
@@ -386,26 +383,8 @@ def record(server: Server, m: Measurement) -> None:
 
 
 def cpu_seconds(server: Server) -> float | None:
-    """User + system CPU time of the server process so far (Linux /proc), or None elsewhere."""
-    if server.proc is None:
-        return None
-    try:
-        fields = Path(f"/proc/{server.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def machine_cpu_seconds() -> float | None:
-    """Busy CPU time of the whole machine, all cores (Linux /proc/stat), or None elsewhere."""
-    try:
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-    guest = sum(values[8:10])  # guest time is already counted in user time
-    return (sum(values) - idle - guest) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of the server process so far, or None without one."""
+    return process_cpu_seconds(server.proc.pid) if server.proc is not None else None
 
 
 def wait_quiet(limit: float) -> float:
@@ -421,12 +400,6 @@ def wait_quiet(limit: float) -> float:
         if before is None or after is None or after - before <= NOISY:
             break
     return time.monotonic() - started - 1.0
-
-
-def children_cpu_seconds() -> float:
-    """CPU time of this process's waited-for children: the load generator runs."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 # ---------------------------------------------------------------------------- instructions
