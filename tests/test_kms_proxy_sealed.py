@@ -10,13 +10,11 @@ a stub KMS for answers no honest KMS gives.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import json
 import logging
-import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import boto3
@@ -37,6 +35,7 @@ from sidecar.aws.kms import RECIPIENT_ALGORITHM, AttestedKms
 from sidecar.aws.kms_proxy import start_kms_proxy
 from sidecar.devworld.kms_front import AttestingKmsFront
 from sidecar.recipient import RecipientKey
+from tests.test_kms_proxy import LoopThread
 
 T = TypeVar("T")
 REGION = "us-east-1"
@@ -44,23 +43,6 @@ SIDECAR_KEY = "AKIASIDECARSEALED"
 PCR0 = hashlib.sha384(b"the sidecar's image").digest()
 OTHER_PCR0 = hashlib.sha384(b"another image").digest()
 SECRET = b"the no-fly list's data key 32 b!"
-
-
-class LoopThread:
-    """An event loop in a background thread: servers run there, the tests call boto3 here."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
 
 
 class CountingKms(AttestedKms):
