@@ -37,8 +37,14 @@ format: $(VENV)/.test-installed
 	$(BIN)/ruff format sidecar plugins tests bench
 	$(BIN)/ruff check --fix sidecar plugins tests bench
 
-bench: $(VENV)/.test-installed
-	$(BIN)/python bench/bench_server.py
+$(VENV)/.bench-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev,test,bench]'
+	touch $@
+
+# Each script prints its ratios against a baseline measured in the same run (needs wrk on PATH).
+BENCHES := server attestation kms egress passenger vault
+bench: $(VENV)/.bench-installed
+	for b in $(BENCHES); do $(BIN)/python bench/bench_$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

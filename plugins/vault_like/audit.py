@@ -1,0 +1,250 @@
+"""The audit log: one JSON line for each request and one for its response, as Vault's file device.
+
+Every string value in the logged request and response (the token, its accessor, the data written
+and read) is replaced by ``hmac-sha256:<hex>``: HMAC-SHA256 under a per-store salt kept in the
+barrier, so the log can be searched for a known value (``sys/audit-hash/file`` computes its hash)
+without holding any secret itself. Paths, operations, policy names and numbers stay readable, as
+in Vault.
+
+The log fails closed: when a request's entry cannot be written the request is refused before it
+runs, and when its response entry cannot be written the answer is withheld (the client gets a 500).
+Writes are single ``os.write`` calls on an ``O_APPEND`` descriptor, so concurrent entries never
+interleave; there is no buffering that could lose an acknowledged request's entry on a crash.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import stat
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from sidecar.logs import event, iso_ms
+
+if TYPE_CHECKING:
+    from plugins.vault_like.barrier import JsonStore
+
+DEVICE: Final = "file"  # the one audit device; its name in sys/audit-hash/NAME, as Vault's default
+SALT_PATH: Final = "audit-salt"  # under the core store ("core/")
+PREFIX: Final = "hmac-sha256:"
+SALT_BYTES: Final = 32
+
+
+class AuditError(Exception):
+    """An entry could not be written. The message names the file and the OS error, never a value."""
+
+
+async def load_salt(core: JsonStore) -> bytes:
+    """The store's audit salt, made on first use (a CAS write: two replicas agree on one salt)."""
+
+    def ensure(old: dict[str, Any] | None) -> dict[str, Any]:
+        if old is not None and isinstance(old.get("salt"), str):
+            return old
+        return {"salt": base64.b64encode(secrets.token_bytes(SALT_BYTES)).decode()}
+
+    doc = await core.update(SALT_PATH, ensure)
+    assert doc is not None
+    return base64.b64decode(doc["salt"])
+
+
+class Hasher:
+    """HMAC-SHA256 of strings under the salt, rendered as Vault renders them."""
+
+    __slots__ = ("_cache", "_key")
+
+    def __init__(self, salt: bytes) -> None:
+        self._key = salt
+        # Policy names, display names and other repeated strings are hashed once.
+        self._cache: dict[str, str] = {}
+
+    def hash(self, value: str) -> str:
+        found = self._cache.get(value)
+        if found is not None:
+            return found
+        digest = (
+            PREFIX + hmac.new(self._key, value.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
+        )
+        if len(value) <= 64 and len(self._cache) < 4096:
+            self._cache[value] = digest
+        return digest
+
+    def structure(self, value: Any) -> Any:
+        """A copy of ``value`` with every string (at any depth; not keys) hashed."""
+        if isinstance(value, str):
+            return self.hash(value)
+        if isinstance(value, Mapping):
+            return {k: self.structure(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.structure(v) for v in value]
+        return value  # numbers, booleans, null
+
+
+class AuditLog:
+    """The JSON-lines audit file. ``hasher`` is set once the barrier is unsealed (the salt lives there)."""
+
+    def __init__(self, path: Path, log: logging.Logger) -> None:
+        self.path = path
+        self.log = log
+        self.hasher: Hasher | None = None
+        self._fd: int | None = None
+
+    def open(self) -> None:
+        """Open (create, mode 0600) the file for appending. Raises :class:`AuditError`."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise AuditError(f"cannot open the audit log {self.path}: {exc.strerror or exc}") from None
+        with contextlib.suppress(OSError):
+            if stat.S_ISREG(os.fstat(fd).st_mode):  # never chmod a device (/dev/stdout...)
+                os.fchmod(fd, 0o600)  # a file left by an older run keeps no wider mode
+        self.close()
+        self._fd = fd
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def set_salt(self, salt: bytes) -> None:
+        self.hasher = Hasher(salt)
+
+    def hash(self, value: str) -> str:
+        if self.hasher is None:
+            raise AuditError("the audit salt is not loaded (the store is sealed)")
+        return self.hasher.hash(value)
+
+    def write(self, entry: dict[str, Any]) -> None:
+        """Append one entry. Raises :class:`AuditError` when it cannot be written in full."""
+        line = (json.dumps(entry, separators=(",", ":"), ensure_ascii=False, default=str) + "\n").encode(
+            "utf-8", "surrogatepass"
+        )
+        fd = self._fd
+        if fd is None:
+            raise AuditError("the audit log is not open")
+        try:
+            view = memoryview(line)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+        except OSError as exc:
+            event(
+                self.log,
+                logging.ERROR,
+                "vault_audit_failed",
+                path=str(self.path),
+                error=exc.strerror or str(exc),
+            )
+            raise AuditError(f"cannot write the audit log: {exc.strerror or exc}") from None
+
+    # ------------------------------------------------------------------ entries
+
+    def auth_block(self, token: str | None, entry: Any) -> dict[str, Any]:
+        """The ``auth`` block: who made the request (token and accessor hashed)."""
+        assert self.hasher is not None
+        h = self.hasher.hash
+        block: dict[str, Any] = {"client_token": h(token) if token else ""}
+        if entry is not None:
+            policies = list(getattr(entry, "policies", []) or [])
+            block.update(
+                {
+                    "accessor": h(entry.accessor),
+                    "display_name": getattr(entry, "display_name", ""),
+                    "policies": policies,
+                    "token_policies": policies,
+                    "metadata": getattr(entry, "meta", None) or None,
+                    "entity_id": "",
+                    "token_type": getattr(entry, "type", "service"),
+                    "token_ttl": getattr(entry, "ttl", 0),
+                    "token_issue_time": _iso(getattr(entry, "creation_time", 0.0)),
+                }
+            )
+        return block
+
+    def request_block(
+        self,
+        *,
+        request_id: str,
+        operation: str,
+        path: str,
+        mount_point: str,
+        mount_type: str,
+        token: str | None,
+        entry: Any,
+        data: Mapping[str, Any] | None,
+        remote: str | None,
+    ) -> dict[str, Any]:
+        assert self.hasher is not None
+        h = self.hasher.hash
+        return {
+            "id": request_id,
+            "operation": operation,
+            "mount_point": mount_point,
+            "mount_type": mount_type,
+            "client_token": h(token) if token else "",
+            "client_token_accessor": h(entry.accessor) if entry is not None else "",
+            "namespace": {"id": "root"},
+            "path": path,
+            "data": self.hasher.structure(data) if data else None,
+            "remote_address": remote or "",
+        }
+
+    def log_request(self, auth: dict[str, Any], request: dict[str, Any], error: str = "") -> None:
+        self.write({"time": _now(), "type": "request", "auth": auth, "request": request, "error": error})
+
+    def log_response(
+        self,
+        auth: dict[str, Any],
+        request: dict[str, Any],
+        *,
+        status: int,
+        data: Any = None,
+        response_auth: Mapping[str, Any] | None = None,
+        warnings: list[str] | None = None,
+        error: str = "",
+    ) -> None:
+        assert self.hasher is not None
+        response: dict[str, Any] = {
+            "mount_point": request.get("mount_point", ""),
+            "mount_type": request.get("mount_type", ""),
+            "status": status,
+        }
+        if data is not None:
+            response["data"] = self.hasher.structure(data)
+        if response_auth:
+            # As Vault's HashAuth: the token and its accessor are hashed; policies, TTLs and
+            # metadata stay readable (they are what an auditor reads the log for).
+            hashed = dict(response_auth)
+            for key in ("client_token", "accessor"):
+                if isinstance(hashed.get(key), str) and hashed[key]:
+                    hashed[key] = self.hasher.hash(hashed[key])
+            response["auth"] = hashed
+        if warnings:
+            response["warnings"] = list(warnings)
+        self.write(
+            {
+                "time": _now(),
+                "type": "response",
+                "auth": auth,
+                "request": request,
+                "response": response,
+                "error": error,
+            }
+        )
+
+
+def _now() -> str:
+    return iso_ms(int(time.time() * 1000))
+
+
+def _iso(seconds: float) -> str:
+    return iso_ms(int(seconds * 1000)) if seconds else ""

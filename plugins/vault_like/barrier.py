@@ -1,0 +1,577 @@
+"""The encryption barrier: everything vault_like stores passes through here, encrypted.
+
+Physical layout (what :mod:`.storage` sees):
+
+- ``core/seal``: the seal config (the KMS-wrapped root key, its key id and encryption context), JSON.
+  Not encrypted by the barrier: it is what opens the barrier, and it holds nothing usable without KMS.
+- ``core/keyring``: the keyring, AES-256-GCM under the root key, AAD ``b"core/keyring"``.
+- ``e/<hex>``: one logical entry; ``<hex>`` = HMAC-SHA256(path_key, logical path), so storage never
+  sees a path name either.
+- ``d/<hex>``: a directory index: the encrypted, sorted list of a logical directory's children
+  (``"bar"``, ``"baz/"``), so ``list`` is one read and needs no listing of storage keys.
+
+An encrypted blob is ``term (4 bytes, big-endian) | nonce (12, random) | AES-256-GCM ciphertext+tag``
+with the logical path as associated data: a blob moved to another path (two entries swapped by
+someone with write access to storage) does not decrypt there, it fails with :class:`BarrierError`.
+
+The keyring holds one key per term; :meth:`Barrier.rotate` adds a term, new writes use it and older
+entries stay readable with theirs. The path key never rotates (it names the entries).
+
+Directory indexes are kept up to date by put/delete with compare-and-swap writes. After changing an
+entry, the writer *syncs* its directory: under the directory's lock it checks whether the child
+exists now and makes the index say so (and the parent's, when the directory appeared or vanished).
+The last sync always sees the final state, so concurrent puts and deletes cannot leave a stale
+listing. With shared storage (S3, several replicas) every sync writes the index, even unchanged, and
+empty indexes stay as tombstones: a replica whose check raced another's change then fails its
+compare-and-swap and checks again.
+
+With storage only this process writes (SQLite), decrypted entries and directory indexes are cached,
+keyed by logical path and updated on every write; never with S3, where other replicas write too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from plugins.vault_like.logical import VaultError
+from plugins.vault_like.storage import ANY, Conflict, Storage, StorageError, _Any
+
+__all__ = ["Barrier", "BarrierError", "Doc", "JsonStore", "SealedError"]
+
+SEAL_KEY: Final = "core/seal"
+KEYRING_KEY: Final = "core/keyring"
+KEYRING_AAD: Final = b"core/keyring"
+_TERM: Final = 4
+_NONCE: Final = 12
+_TAG: Final = 16
+_RETRIES: Final = 50
+_CACHE_SIZE: Final = 4096
+_LOCKS: Final = 64
+_MISS: Final[Any] = object()
+
+
+class SealedError(Exception):
+    """Data access while the barrier is sealed."""
+
+    def __init__(self, message: str = "Vault is sealed") -> None:
+        super().__init__(message)
+
+
+class BarrierError(Exception):
+    """An entry or the keyring does not decrypt (tampered, swapped, corrupt, or the wrong root key).
+
+    The message is safe to log and show: it names neither a value nor a path.
+    """
+
+
+class _UnknownTerm(Exception):
+    """A blob names a term this process's keyring lacks (another replica rotated)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Doc:
+    value: bytes
+    version: str
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _check_path(path: str) -> None:
+    # Callers build paths from client input; a bad one is a client mistake (400), never echoed.
+    if (
+        not isinstance(path, str)
+        or not path
+        or path.startswith("/")
+        or path.endswith("/")
+        or "//" in path
+        or "\x00" in path
+    ):
+        raise VaultError(400, "invalid path")
+
+
+def _check_dir(prefix: str) -> None:
+    if not isinstance(prefix, str) or (prefix and not prefix.endswith("/")) or "//" in prefix:
+        raise VaultError(400, "invalid path")
+    if prefix.startswith("/") or "\x00" in prefix:
+        raise VaultError(400, "invalid path")
+
+
+def _split(path: str) -> tuple[str, str]:
+    """``"a/b/c"`` -> ``("a/b/", "c")``; ``"a/b/"`` -> ``("a/", "b/")``; ``"a"`` -> ``("", "a")``."""
+    cut = path.rfind("/", 0, len(path) - 1) + 1
+    return path[:cut], path[cut:]
+
+
+@dataclass(frozen=True, slots=True)
+class _Keyring:
+    raw: dict[int, bytes]
+    ciphers: dict[int, AESGCM]
+    active: int
+    path_key: bytes
+    install_times: dict[int, str]
+    version: str  # of core/keyring in storage
+
+    def encode(self) -> bytes:
+        return json.dumps(
+            {
+                "terms": {str(t): base64.b64encode(k).decode() for t, k in self.raw.items()},
+                "active": self.active,
+                "path_key": base64.b64encode(self.path_key).decode(),
+                "install_times": {str(t): v for t, v in self.install_times.items()},
+            }
+        ).encode()
+
+    @staticmethod
+    def decode(data: bytes, version: str) -> _Keyring:
+        try:
+            doc = json.loads(data)
+            raw = {int(t): base64.b64decode(k, validate=True) for t, k in doc["terms"].items()}
+            active = int(doc["active"])
+            path_key = base64.b64decode(doc["path_key"], validate=True)
+            times = {int(t): str(v) for t, v in doc.get("install_times", {}).items()}
+        except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
+            raise BarrierError("the keyring is malformed") from exc
+        if active not in raw or len(path_key) != 32 or any(len(k) != 32 for k in raw.values()):
+            raise BarrierError("the keyring is malformed")
+        ciphers = {t: AESGCM(k) for t, k in raw.items()}
+        return _Keyring(raw, ciphers, active, path_key, times, version)
+
+
+def _seal_keyring(root: AESGCM, keyring: _Keyring) -> bytes:
+    nonce = os.urandom(_NONCE)
+    return nonce + root.encrypt(nonce, keyring.encode(), KEYRING_AAD)
+
+
+class Barrier:
+    """Encrypts every entry under the keyring, which the root key opens. Sealed until :meth:`unseal`."""
+
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+        self._exclusive = bool(getattr(storage, "exclusive", False))
+        self._root: AESGCM | None = None
+        self._keyring: _Keyring | None = None
+        self._locks = [asyncio.Lock() for _ in range(_LOCKS)]
+        # Separate stripes for JsonStore.update, which takes a directory lock inside its own.
+        self._update_locks = [asyncio.Lock() for _ in range(_LOCKS)]
+        # Caches (exclusive storage only): logical path -> Doc or None; dir -> (children, version).
+        self._entries: dict[str, Doc | None] = {}
+        self._dirs: dict[str, tuple[tuple[str, ...], str | None]] = {}
+        self._generation = 0  # bumped by every write, so a read that raced one is not cached
+        self._pending: dict[str, dict[str, str]] = {}  # directory -> {name: child path} awaiting a sync
+
+    # ------------------------------------------------------------------ seal state
+
+    @property
+    def sealed(self) -> bool:
+        return self._keyring is None
+
+    @property
+    def storage(self) -> Storage:
+        return self._storage
+
+    async def initialized(self) -> bool:
+        return await self._storage.get(SEAL_KEY) is not None
+
+    async def read_seal_config(self) -> dict[str, Any] | None:
+        entry = await self._storage.get(SEAL_KEY)
+        if entry is None:
+            return None
+        try:
+            config = json.loads(entry.value)
+        except ValueError as exc:
+            raise BarrierError("the seal config is not JSON") from exc
+        if not isinstance(config, dict):
+            raise BarrierError("the seal config is not a JSON object")
+        return config
+
+    async def initialize(self, root_key: bytes, seal_config: dict[str, Any]) -> None:
+        """Write the seal config and a fresh keyring; the barrier is unsealed afterwards.
+
+        ``core/seal`` is written first, create-only: of two initialisers racing, exactly one wins and
+        the other gets :class:`Conflict` before it writes anything else.
+        """
+        root = self._root_cipher(root_key)
+        await self._storage.put(SEAL_KEY, json.dumps(seal_config).encode(), expect=None)
+        key = os.urandom(32)
+        keyring = _Keyring({1: key}, {1: AESGCM(key)}, 1, os.urandom(32), {1: _now()}, "")
+        version = await self._storage.put(KEYRING_KEY, _seal_keyring(root, keyring))
+        self._set_keyring(root, _Keyring.decode(keyring.encode(), version))
+
+    async def unseal(self, root_key: bytes) -> None:
+        root = self._root_cipher(root_key)
+        self._set_keyring(root, await self._load_keyring(root))
+
+    def seal(self) -> None:
+        self._root = None
+        self._keyring = None
+        self._entries.clear()
+        self._dirs.clear()
+
+    async def rotate(self) -> dict[str, Any]:
+        """Add a keyring term and make it the active one. Entries under older terms stay readable."""
+        root, keyring = self._require()
+        for _ in range(_RETRIES):
+            term = max(keyring.raw) + 1
+            key = os.urandom(32)
+            new = _Keyring(
+                {**keyring.raw, term: key},
+                {**keyring.ciphers, term: AESGCM(key)},
+                term,
+                keyring.path_key,
+                {**keyring.install_times, term: _now()},
+                "",
+            )
+            try:
+                version = await self._storage.put(
+                    KEYRING_KEY, _seal_keyring(root, new), expect=keyring.version
+                )
+            except Conflict:  # another replica rotated: start from its keyring
+                keyring = await self._load_keyring(root)
+                self._set_keyring(root, keyring)
+                continue
+            self._set_keyring(
+                root, _Keyring(new.raw, new.ciphers, term, new.path_key, new.install_times, version)
+            )
+            return {"term": term, "install_time": new.install_times[term]}
+        raise Conflict("the keyring kept changing during rotation")
+
+    def key_status(self) -> dict[str, Any]:
+        _, keyring = self._require()
+        return {"term": keyring.active, "install_time": keyring.install_times.get(keyring.active, "")}
+
+    def _root_cipher(self, root_key: bytes) -> AESGCM:
+        if not isinstance(root_key, bytes | bytearray) or len(root_key) != 32:
+            raise BarrierError("the root key must be 32 bytes")
+        return AESGCM(bytes(root_key))
+
+    async def _load_keyring(self, root: AESGCM) -> _Keyring:
+        entry = await self._storage.get(KEYRING_KEY)
+        if entry is None:
+            raise BarrierError(
+                "the store has no keyring: it is not initialised, or initialisation did not finish"
+            )
+        blob = entry.value
+        try:
+            plain = root.decrypt(blob[:_NONCE], blob[_NONCE:], KEYRING_AAD)
+        except (InvalidTag, ValueError) as exc:
+            raise BarrierError(
+                "the root key does not open the keyring (wrong key, or a tampered keyring)"
+            ) from exc
+        return _Keyring.decode(plain, entry.version)
+
+    def _set_keyring(self, root: AESGCM, keyring: _Keyring) -> None:
+        self._root = root
+        self._keyring = keyring
+
+    def _require(self) -> tuple[AESGCM, _Keyring]:
+        if self._keyring is None or self._root is None:
+            raise SealedError()
+        return self._root, self._keyring
+
+    # ------------------------------------------------------------------ crypto and naming
+
+    def _entry_key(self, keyring: _Keyring, path: str) -> str:
+        return "e/" + hmac.digest(keyring.path_key, b"e:" + path.encode(), "sha256").hex()
+
+    def _dir_key(self, keyring: _Keyring, directory: str) -> str:
+        return "d/" + hmac.digest(keyring.path_key, b"d:" + directory.encode(), "sha256").hex()
+
+    @staticmethod
+    def _dir_aad(directory: str) -> bytes:
+        return b"\x00dir:" + directory.encode()  # a NUL never occurs in a logical path: no collision
+
+    @staticmethod
+    def _encrypt(keyring: _Keyring, plaintext: bytes, aad: bytes) -> bytes:
+        nonce = os.urandom(_NONCE)
+        term = keyring.active
+        return term.to_bytes(_TERM, "big") + nonce + keyring.ciphers[term].encrypt(nonce, plaintext, aad)
+
+    @staticmethod
+    def _decrypt(keyring: _Keyring, blob: bytes, aad: bytes) -> bytes:
+        if len(blob) < _TERM + _NONCE + _TAG:
+            raise BarrierError("an entry is truncated or corrupt")
+        cipher = keyring.ciphers.get(int.from_bytes(blob[:_TERM], "big"))
+        if cipher is None:
+            raise _UnknownTerm()
+        try:
+            return cipher.decrypt(blob[_TERM : _TERM + _NONCE], blob[_TERM + _NONCE :], aad)
+        except InvalidTag:
+            raise BarrierError(
+                "an entry does not decrypt: tampered, moved from another path, or corrupt"
+            ) from None
+
+    async def _open(self, blob: bytes, aad: bytes) -> bytes:
+        root, keyring = self._require()
+        try:
+            return self._decrypt(keyring, blob, aad)
+        except _UnknownTerm:
+            pass
+        # Another replica rotated since we loaded the keyring: reload it once.
+        keyring = await self._load_keyring(root)
+        self._set_keyring(root, keyring)
+        try:
+            return self._decrypt(keyring, blob, aad)
+        except _UnknownTerm:
+            raise BarrierError("an entry names a key term the keyring does not have") from None
+
+    # ------------------------------------------------------------------ cached reads
+
+    def _remember(self, cache: dict[str, Any], key: str, value: Any) -> None:
+        if key not in cache and len(cache) >= _CACHE_SIZE:
+            del cache[next(iter(cache))]  # oldest first; a small cache, not an LRU
+        cache[key] = value
+
+    async def _read_entry(self, path: str) -> Doc | None:
+        if self._exclusive:
+            hit = self._entries.get(path, _MISS)
+            if hit is not _MISS:
+                return hit  # type: ignore[no-any-return]
+        _, keyring = self._require()
+        generation = self._generation
+        raw = await self._storage.get(self._entry_key(keyring, path))
+        doc = None if raw is None else Doc(await self._open(raw.value, path.encode()), raw.version)
+        if self._exclusive and generation == self._generation:
+            self._remember(self._entries, path, doc)
+        return doc
+
+    async def _read_dir(self, directory: str) -> tuple[tuple[str, ...], str | None]:
+        if self._exclusive:
+            hit = self._dirs.get(directory)
+            if hit is not None:
+                return hit
+        _, keyring = self._require()
+        generation = self._generation
+        raw = await self._storage.get(self._dir_key(keyring, directory))
+        if raw is None:
+            result: tuple[tuple[str, ...], str | None] = ((), None)
+        else:
+            plain = await self._open(raw.value, self._dir_aad(directory))
+            try:
+                children = json.loads(plain)
+            except ValueError as exc:
+                raise BarrierError("a directory index is corrupt") from exc
+            if not isinstance(children, list) or not all(isinstance(c, str) for c in children):
+                raise BarrierError("a directory index is corrupt")
+            result = (tuple(children), raw.version)
+        if self._exclusive and generation == self._generation:
+            self._remember(self._dirs, directory, result)
+        return result
+
+    # ------------------------------------------------------------------ entries
+
+    async def get(self, path: str) -> Doc | None:
+        _check_path(path)
+        return await self._read_entry(path)
+
+    async def put(self, path: str, value: bytes, expect: str | _Any | None = ANY) -> str:
+        _check_path(path)
+        _, keyring = self._require()
+        blob = self._encrypt(keyring, bytes(value), path.encode())
+        try:
+            version = await self._storage.put(self._entry_key(keyring, path), blob, expect)
+        except BaseException:
+            self._entries.pop(path, None)  # state unknown (or someone else's): read it fresh next time
+            self._generation += 1
+            raise
+        self._generation += 1
+        if self._exclusive:
+            self._remember(self._entries, path, Doc(bytes(value), version))
+        # A write that may have created the entry must touch the index when others write too (S3).
+        await self._sync_up(path)
+        return version
+
+    async def delete(self, path: str, expect: str | _Any = ANY) -> None:
+        _check_path(path)
+        _, keyring = self._require()
+        try:
+            await self._storage.delete(self._entry_key(keyring, path), expect)
+        except BaseException:
+            self._entries.pop(path, None)
+            self._generation += 1
+            raise
+        self._generation += 1
+        if self._exclusive:
+            self._remember(self._entries, path, None)
+        await self._sync_up(path)
+
+    async def list(self, prefix: str) -> list[str]:
+        """The children of directory ``prefix`` ("" or ending in "/"), sorted; directories end in "/"."""
+        _check_dir(prefix)
+        children, _ = await self._read_dir(prefix)
+        return list(children)
+
+    # ------------------------------------------------------------------ directory indexes
+
+    def _lock(self, directory: str) -> asyncio.Lock:
+        return self._locks[hash(directory) % _LOCKS]
+
+    def update_lock(self, path: str) -> asyncio.Lock:
+        """Serialises read-modify-writes of one document within this process.
+
+        Without it, 50 writers to one key race on the optimistic CAS and some run out of retries;
+        with it they queue, and the CAS still decides between replicas sharing one bucket.
+        """
+        return self._update_locks[hash(path) % _LOCKS]
+
+    async def _exists(self, child: str) -> bool:
+        if child.endswith("/"):
+            return bool((await self._read_dir(child))[0])
+        return await self._read_entry(child) is not None
+
+    async def _write_dir(self, directory: str, children: tuple[str, ...], expect: str | None) -> None:
+        _, keyring = self._require()
+        key = self._dir_key(keyring, directory)
+        try:
+            if children or not self._exclusive:
+                # Shared storage keeps an empty index as a tombstone: deleting it would leave nothing
+                # for a concurrent writer's compare-and-swap to fail on.
+                blob = self._encrypt(keyring, json.dumps(children).encode(), self._dir_aad(directory))
+                version: str | None = await self._storage.put(key, blob, expect)
+            else:
+                await self._storage.delete(key, ANY if expect is None else expect)
+                version = None
+        except BaseException:
+            self._dirs.pop(directory, None)
+            self._generation += 1
+            raise
+        self._generation += 1
+        if self._exclusive:
+            self._remember(self._dirs, directory, (children, version))
+
+    async def _sync_up(self, child: str) -> None:
+        """After ``child`` (an entry) was written or deleted: make the indexes upwards say so."""
+        while True:
+            directory, name = _split(child)
+            if not await self._sync(directory, name, child) or not directory:
+                return
+            child = directory  # the directory appeared or vanished: its parent must say so too
+
+    async def _sync(self, directory: str, name: str, child: str) -> bool:
+        """Make ``directory``'s index list ``name`` exactly when ``child`` exists.
+
+        Syncs of one directory run one at a time (its lock), and the existence check happens under
+        the lock, after the caller's own change: so the last sync sees the final state. Waiting
+        syncs are coalesced: whoever gets the lock does every pending name in one write (one fsync
+        for a burst of new keys in one directory); the others find theirs done. Returns True when
+        the index went from empty to non-empty or back (the caller then syncs the parent).
+        """
+        pending = self._pending.setdefault(directory, {})
+        pending[name] = child
+        async with self._lock(directory):
+            batch = self._pending.get(directory)
+            if not batch or name not in batch:
+                return False  # a sync that started after our change did ours; it handles the parent
+            del self._pending[directory]
+            try:
+                return await self._apply(directory, batch)
+            except BaseException:
+                for other, path in batch.items():  # hand the batch back to whoever comes next
+                    self._pending.setdefault(directory, {}).setdefault(other, path)
+                raise
+
+    async def _apply(self, directory: str, batch: dict[str, str]) -> bool:
+        # Shared storage: always write, so a concurrent sync elsewhere that checked before our
+        # change fails its compare-and-swap and checks again.
+        force = not self._exclusive
+        for _ in range(_RETRIES):
+            children, version = await self._read_dir(directory)
+            current = set(children)
+            for name, child in batch.items():
+                if await self._exists(child):
+                    current.add(name)
+                else:
+                    current.discard(name)
+            new = tuple(sorted(current))
+            if new == children and not force:
+                return False
+            try:
+                await self._write_dir(directory, new, version)
+            except Conflict:
+                continue
+            return bool(children) != bool(new)
+        # Not Conflict: the entry itself was written, and JsonStore.update must not apply fn twice.
+        raise StorageError("a directory index kept changing")
+
+
+class JsonStore:
+    """JSON documents under a logical prefix (``"logical/<mount uuid>/"``): what backends use."""
+
+    __slots__ = ("barrier", "prefix")
+
+    def __init__(self, barrier: Barrier, prefix: str) -> None:
+        if prefix and not prefix.endswith("/"):
+            raise ValueError("a JsonStore prefix ends with '/'")
+        self.barrier = barrier
+        self.prefix = prefix
+
+    def view(self, sub: str) -> JsonStore:
+        return JsonStore(self.barrier, self.prefix + (sub if not sub or sub.endswith("/") else sub + "/"))
+
+    @staticmethod
+    def _decode(doc: Doc) -> dict[str, Any]:
+        try:
+            data = json.loads(doc.value)
+        except ValueError as exc:
+            raise BarrierError("a stored document is not JSON") from exc
+        if not isinstance(data, dict):
+            raise BarrierError("a stored document is not a JSON object")
+        return data
+
+    @staticmethod
+    def _encode(data: dict[str, Any]) -> bytes:
+        return json.dumps(data, separators=(",", ":")).encode()
+
+    async def read(self, path: str) -> dict[str, Any] | None:
+        doc = await self.barrier.get(self.prefix + path)
+        return None if doc is None else self._decode(doc)
+
+    async def write(self, path: str, data: dict[str, Any]) -> None:
+        await self.barrier.put(self.prefix + path, self._encode(data))
+
+    async def delete(self, path: str) -> None:
+        await self.barrier.delete(self.prefix + path)
+
+    async def list(self, path: str = "") -> list[str]:
+        if path and not path.endswith("/"):
+            path += "/"
+        return await self.barrier.list(self.prefix + path)
+
+    async def update(
+        self, path: str, fn: Callable[[dict[str, Any] | None], dict[str, Any] | None]
+    ) -> dict[str, Any] | None:
+        """Optimistic read-modify-write: ``fn(old) -> new`` (None deletes), retried on a lost race.
+
+        ``fn`` may run more than once and may raise to abort (nothing is written then). Of two writers
+        (tasks, or replicas on one bucket) that read the same version, exactly one wins; the other
+        re-reads and calls ``fn`` again with the winner's document.
+        """
+        full = self.prefix + path
+        async with self.barrier.update_lock(full):
+            for _ in range(_RETRIES):
+                doc = await self.barrier.get(full)
+                new = fn(None if doc is None else self._decode(doc))
+                try:
+                    if new is None:
+                        if doc is not None:
+                            await self.barrier.delete(full, expect=doc.version)
+                        return None
+                    expect = None if doc is None else doc.version
+                    await self.barrier.put(full, self._encode(new), expect=expect)
+                except Conflict:
+                    continue
+                return new
+        raise Conflict("too many concurrent updates of one document")
