@@ -47,14 +47,14 @@ def test_hasher_is_vaults_hmac_sha256() -> None:
 async def test_each_call_writes_a_request_and_a_response_entry_with_values_hashed(vault: Vault) -> None:
     # Threat: the audit log becoming a second copy of every secret and token.
     secret = "correct-horse-battery-staple"
-    status, _, headers = await vault.call("POST", "secret/data/app/db", {"data": {"password": secret}})
+    status, body, _ = await vault.call("POST", "secret/data/app/db", {"data": {"password": secret}})
     assert status == 200
     status, _, _ = await vault.call("GET", "secret/data/app/db")
     assert status == 200
     log = entries(vault)
     text = (vault.state_dir / "vault-audit.log").read_text()
     assert secret not in text and vault.token not in text
-    write = [e for e in log if e["request"]["id"] == headers["X-Request-Id"]]
+    write = [e for e in log if e["request"]["id"] == body["request_id"]]
     assert [e["type"] for e in write] == ["request", "response"]
     request = write[0]["request"]
     assert request["operation"] == "create" and request["path"] == "secret/data/app/db"

@@ -434,7 +434,9 @@ async def test_concurrent_updates_on_one_barrier_never_lose_one() -> None:
 
     await asyncio.gather(*(store.update("n", bump) for _ in range(30)))
     assert await store.read("n") == {"n": 30}
-    assert calls > 30  # the races really happened and were retried
+    # In one process the writers queue on the document's lock instead of racing: no retries, so
+    # 50 writers to one key cannot run out of them (the replica race is tested on shared storage).
+    assert calls == 30
 
 
 # =========================================================================== two replicas on S3

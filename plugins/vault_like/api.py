@@ -53,7 +53,7 @@ from sidecar.logs import event
 from sidecar.routes import Route
 from sidecar.server import REQUEST_ID
 
-VAULT_REQUEST_ID: Final = "vault_like.request_id"
+VAULT_REQUEST_ID: Final = web.RequestKey("vault_like.request_id", str)
 
 if TYPE_CHECKING:
     from plugins.vault_like.service import VaultService
