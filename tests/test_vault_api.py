@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
