@@ -449,4 +449,23 @@ def test_curl_lines_hit_routes_the_demo_serves() -> None:
     targets = [t for doc in DOCS for t in curl_targets(doc)]
     assert len(targets) >= 3
     for where, method, port, path in targets:
-        assert (method, port, path) in served, f"{where}: nothing serves {method} {path} on port {port}"
+        assert any((m, p) == (method, port) and route_matches(pattern, path) for m, p, pattern in served), (
+            f"{where}: nothing serves {method} {path} on port {port}"
+        )
+
+
+def route_matches(pattern: str, path: str) -> bool:
+    """aiohttp's route syntax: ``{name}`` is one segment, ``{name:regex}`` the regex."""
+    parts = re.split(r"\{\w+(?::(.*?))?\}", pattern)
+    # re.split alternates literal text and the captured regex (None for a plain `{name}`).
+    regex = "".join(
+        re.escape(part) if i % 2 == 0 else f"(?:{part or '[^/]+'})" for i, part in enumerate(parts)
+    )
+    return re.fullmatch(regex, path) is not None
+
+
+def test_route_matching_follows_aiohttp() -> None:
+    assert route_matches("/v1/{path:.*}", "/v1/secret/data/app")
+    assert route_matches("/enclave/passenger", "/enclave/passenger")
+    assert not route_matches("/enclave/passenger", "/enclave/passengers")
+    assert route_matches("/items/{id}", "/items/7") and not route_matches("/items/{id}", "/items/7/x")

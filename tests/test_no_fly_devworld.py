@@ -470,6 +470,54 @@ def test_demo_config_serves_big_bird_denied(sidecars: dict[str, DevSidecar]) -> 
     assert len(seeded) == 1 and seeded[0]["count"] == 15
 
 
+def readme_shell_lines() -> list[str]:
+    """The README's shell lines after the two set-up commands: the tour and the vault_like section."""
+    from tests.test_docs import SHELL_LANGUAGES, code_blocks, logical_lines
+
+    found = []
+    for language, body, _ in code_blocks((ROOT / "README.md").read_text(encoding="utf-8")):
+        if language in SHELL_LANGUAGES and "make run" not in body:
+            found += [line for line, _ in logical_lines(body) if line.strip()]
+    return found
+
+
+def test_readme_shell_lines_run_against_the_demo(sidecars: dict[str, DevSidecar]) -> None:
+    """Every shell line of the README's tour and vault section, run as written against `make run`'s
+    configuration (only the ports, the state dir and the venv path differ). A line's trailing comment
+    is what it prints: each fragment between `...` must appear in the output, in order."""
+    demo = sidecars["demo"]
+    manifest = yaml.safe_load((demo.directory / "enclaver.yaml").read_text())
+    vault_port = manifest["ingress"][1]["listen_port"]
+    state = demo.directory / "state"
+    lines = readme_shell_lines()
+    assert any("8200" in line for line in lines) and any("sidecar trust" in line for line in lines)
+    script = ""
+    for line in lines:
+        command, _, comment = line.partition("  #")
+        command = (
+            command.replace("localhost:8001", f"localhost:{demo.port}")
+            .replace("localhost:8200", f"localhost:{vault_port}")
+            .replace("127.0.0.1:8200", f"127.0.0.1:{vault_port}")
+            .replace(".sidecar-state/", f"{state}/")
+            .replace(".venv/bin/sidecar", f"{sys.executable} -m sidecar")
+        )
+        script += command + "\n"
+        if command.lstrip().startswith("export"):
+            continue
+        result = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT
+        )
+        assert result.returncode == 0, (line, result.stdout, result.stderr)
+        output = result.stdout
+        script = "".join(f"{kept}\n" for kept in script.splitlines() if kept.lstrip().startswith("export"))
+        expected = comment.strip() or ("VERIFIED" if "sidecar trust" in command else "")
+        at = 0
+        for fragment in (f.strip() for f in expected.split("...")):
+            found = output.find(fragment.rstrip(","), at)
+            assert found >= 0, f"README line {line!r}: {fragment!r} not in {output!r}"
+            at = found + len(fragment.rstrip(","))
+
+
 def test_main_started_from_the_cli_sealed_envelope(main: DevSidecar) -> None:
     cli_output = main.cli_log.read_text()
     assert cli_output.startswith(f"sealed {len(MAIN_NAMES)} names under arn:aws:kms:")
