@@ -33,6 +33,7 @@ from sidecar.config import ConfigError
 from sidecar.context import Services
 from sidecar.logs import JsonFormatter
 from sidecar.routes import Listener
+from sidecar.server import json_error
 from sidecar.testing import SidecarHarness, run_sidecar
 
 SidecarFactory = Callable[..., Awaitable[SidecarHarness]]
@@ -464,6 +465,37 @@ async def test_429_has_retry_after_and_the_bucket_refills(
     assert body["error"].startswith("too many checks from this client: the limit is 20 names a second")
     await asyncio.sleep(0.2)  # 4 tokens at 20/s, capped at the burst of 2
     assert [(await nf.get("a"))[0] for _ in range(3)] == [200, 200, 429]
+
+
+async def test_429_body_is_exactly_the_sidecar_json_error(
+    sidecar_factory: SidecarFactory, tmp_path: Path
+) -> None:
+    """The 429 is assembled from parts built once per wait (it is the path an enumerator hammers).
+
+    It must stay byte for byte what json_error would say, with this request's own id, and keep
+    Retry-After and the JSON content type, for every wait time.
+    """
+    # A token a second: the test's requests all fall within the same empty bucket.
+    nf = await start_no_fly(sidecar_factory, tmp_path, rate_limit={"per_second": 1, "burst": 1})
+    limiter = nf.service.limiter
+    assert limiter is not None
+    assert (await nf.get("a"))[0] == 200
+    seen = set()
+    for _ in range(3):  # the same wait: the cached parts, a different request id each time
+        status, headers, text = await nf.get("a")
+        assert status == 429 and headers["Content-Type"] == "application/json"
+        seconds = headers["Retry-After"]
+        message = (
+            "too many checks from this client: the limit is 1 names a second (bursts of 1); "
+            f"retry in {seconds} s"
+        )
+        expected = json_error(429, message, headers["X-Request-Id"], retry_after=int(seconds))
+        assert isinstance(expected.body, bytes)
+        assert text.encode() == expected.body
+        seen.add(headers["X-Request-Id"])
+    assert len(seen) == 3
+    assert (await nf.post({"names": ["a"] * 3}))[0] == 429  # a batch is refused the same way
+    assert nf.service.metrics.rate_limited == 4
 
 
 async def test_batch_costs_one_token_per_name(sidecar_factory: SidecarFactory, tmp_path: Path) -> None:

@@ -137,13 +137,15 @@ async def test_sensitive_route_logs_its_pattern_only(sc: Any) -> None:
     # Threat: names in paths or queries of a sensitive route accumulating in logs outside the enclave.
     sc.gate.release.set()
     await sc.wait_started()
-    for name in ("Big Bird", "Oscar", "Elmo"):
-        status, _, _ = await call(sc, "GET", f"/passenger/{name}", params={"q": name})
+    # HEAD too: a GET route's resource answers HEAD with a route of its own.
+    for method, name in (("GET", "Big Bird"), ("GET", "Oscar"), ("HEAD", "Elmo")):
+        status, _, _ = await call(sc, method, f"/passenger/{name}", params={"q": name})
         assert status == 200
     lines = access_lines(sc)
     raw = sc.runtime.access_sink.stream.getvalue()
     assert not any(n in raw for n in ("Big", "Bird", "Oscar", "Elmo", "q="))
     assert [line["path"] for line in lines] == ["/passenger/{name}"] * 3
+    assert [line["method"] for line in lines] == ["GET", "GET", "HEAD"]
 
 
 async def test_malformed_request_is_logged_without_an_id(sc: Any) -> None:

@@ -43,6 +43,7 @@ from plugins.no_fly_list.source import SourceError, content_id, fetch
 from sidecar.context import PluginContext, ServiceNotConfigured
 from sidecar.logs import event
 from sidecar.routes import Listener, Route
+from sidecar.server import JSON_HEADERS as JSON_ERROR_HEADERS
 from sidecar.server import REQUEST_ID, PluginStartupError, json_error
 
 PASSENGER_PATH: Final = "/enclave/passenger"
@@ -258,6 +259,8 @@ class NoFlyService:
         self.tag: str | None = None  # the version tag of the envelope in use
         self.failed_tag: str | None = None  # a newer envelope that failed for good (not retried)
         self._tasks: list[asyncio.Task[None]] = []
+        # Retry-After value -> the 429 body around the request id, and the headers (see _too_many).
+        self._refusals: dict[str, tuple[bytes, bytes, CIMultiDictProxy[str]]] = {}
 
     # ------------------------------------------------------------------ routes
 
@@ -430,17 +433,30 @@ class NoFlyService:
         return json_error(status, message, request[REQUEST_ID])
 
     def _too_many(self, request: web.Request, wait: float, limiter: RateLimiter) -> web.Response:
+        """The 429 answer: json_error's body and Retry-After, from parts built once per wait time.
+
+        A client over its limit keeps asking (an enumeration attempt does), so refusing must cost
+        less than answering: only the request id differs between two refusals with the same wait.
+        """
         self.metrics.rate_limited += 1
         seconds = retry_after(wait)
-        response = json_error(
-            429,
-            f"too many checks from this client: the limit is {limiter.per_second:g} names a second "
-            f"(bursts of {limiter.burst:g}); retry in {seconds} s",
-            request[REQUEST_ID],
-            retry_after=int(seconds),
-        )
-        response.headers[hdrs.RETRY_AFTER] = seconds
-        return response
+        parts = self._refusals.get(seconds)
+        if parts is None:
+            message = (
+                f"too many checks from this client: the limit is {limiter.per_second:g} names a second "
+                f"(bursts of {limiter.burst:g}); retry in {seconds} s"
+            )
+            # json_error's body with a placeholder id (hex digits: JSON needs no escaping), split there.
+            text = json.dumps({"error": message, "retry_after": int(seconds), "request_id": "\0"})
+            head, tail = text.encode().split(b"\\u0000")
+            headers = CIMultiDict(JSON_ERROR_HEADERS)
+            headers[hdrs.RETRY_AFTER] = seconds
+            if len(self._refusals) >= 64:  # waits are bounded by the limit's settings; this is a backstop
+                self._refusals.clear()
+            parts = self._refusals[seconds] = (head, tail, CIMultiDictProxy(headers))
+        head, tail, refusal_headers = parts
+        body = head + request[REQUEST_ID].encode() + tail
+        return web.Response(status=429, body=body, headers=refusal_headers)
 
     async def handle_passenger(self, request: web.Request) -> web.Response:
         names = request.query.getall("name", None)
@@ -449,11 +465,13 @@ class NoFlyService:
         if len(names) > 1:
             return self._bad(request, "give the query parameter 'name' once")
         name = names[0]
-        problem = name_problem(name)
-        if problem is None and "\ufffd" in name and not query_is_utf8(request.rel_url.raw_query_string):
-            problem = "is not valid UTF-8 (check its percent-encoding)"
-        if problem is not None:
-            return self._bad(request, f"the query parameter 'name' {problem}")
+        # name_problem's fast path, inline (printable ASCII of a valid length, so no U+FFFD either).
+        if not (0 < len(name) <= MAX_NAME_CHARS and name.isascii() and name.isprintable()):
+            problem = name_problem(name)
+            if problem is None and "\ufffd" in name and not query_is_utf8(request.rel_url.raw_query_string):
+                problem = "is not valid UTF-8 (check its percent-encoding)"
+            if problem is not None:
+                return self._bad(request, f"the query parameter 'name' {problem}")
         limiter = self.limiter
         if limiter is not None and (wait := limiter.take(request.remote or "", 1)):
             return self._too_many(request, wait, limiter)
