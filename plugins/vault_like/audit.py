@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
-import hmac
 import json
 import logging
 import os
@@ -28,6 +26,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.hmac import HMAC
+
 from sidecar.logs import event, iso_ms
 
 if TYPE_CHECKING:
@@ -37,6 +38,9 @@ DEVICE: Final = "file"  # the one audit device; its name in sys/audit-hash/NAME,
 SALT_PATH: Final = "audit-salt"  # under the core store ("core/")
 PREFIX: Final = "hmac-sha256:"
 SALT_BYTES: Final = 32
+AUTH_CACHE: Final = 1024  # tokens whose auth block is kept rendered
+# One encoder for every entry (json.dumps would build a new one per call for these options).
+_encode: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
 
 
 class AuditError(Exception):
@@ -59,20 +63,25 @@ async def load_salt(core: JsonStore) -> bytes:
 class Hasher:
     """HMAC-SHA256 of strings under the salt, rendered as Vault renders them."""
 
-    __slots__ = ("_cache", "_key")
+    __slots__ = ("_cache", "_mac")
 
     def __init__(self, salt: bytes) -> None:
-        self._key = salt
+        # Keyed once and copied per value: a fresh HMAC costs several times a copy (OpenSSL 3).
+        self._mac = HMAC(salt, hashes.SHA256())
         # Policy names, display names and other repeated strings are hashed once.
         self._cache: dict[str, str] = {}
+
+    def digest(self, value: str) -> str:
+        """The hash of ``value``, never cached (for tokens: no plaintext token is kept as a key)."""
+        mac = self._mac.copy()
+        mac.update(value.encode("utf-8", "surrogatepass"))
+        return PREFIX + mac.finalize().hex()
 
     def hash(self, value: str) -> str:
         found = self._cache.get(value)
         if found is not None:
             return found
-        digest = (
-            PREFIX + hmac.new(self._key, value.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
-        )
+        digest = self.digest(value)
         if len(value) <= 64 and len(self._cache) < 4096:
             self._cache[value] = digest
         return digest
@@ -88,6 +97,35 @@ class Hasher:
         return value  # numbers, booleans, null
 
 
+class Block(dict[str, Any]):
+    """A part of an entry (``auth``, ``request``): a dict that keeps its JSON once rendered.
+
+    The request and response entries of one call share their ``auth`` and ``request`` parts, and
+    a token's ``auth`` part is the same on every call: each is rendered once. Change it only by
+    item assignment (which drops the rendering).
+    """
+
+    __slots__ = ("_json",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._json: str | None = None
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._json = None
+        super().__setitem__(key, value)
+
+    def json(self) -> str:
+        rendered = self._json
+        if rendered is None:
+            rendered = self._json = _encode(self)
+        return rendered
+
+
+def _json_of(part: Mapping[str, Any]) -> str:
+    return part.json() if isinstance(part, Block) else _encode(part)
+
+
 class AuditLog:
     """The JSON-lines audit file. ``hasher`` is set once the barrier is unsealed (the salt lives there)."""
 
@@ -96,6 +134,9 @@ class AuditLog:
         self.log = log
         self.hasher: Hasher | None = None
         self._fd: int | None = None
+        # token hash -> (accessor, issue time, its auth block): a token's block never changes.
+        self._auth: dict[str, tuple[str, float, Block]] = {}
+        self._clock: tuple[int, str] = (0, "")
 
     def open(self) -> None:
         """Open (create, mode 0600) the file for appending. Raises :class:`AuditError`."""
@@ -117,6 +158,7 @@ class AuditLog:
 
     def set_salt(self, salt: bytes) -> None:
         self.hasher = Hasher(salt)
+        self._auth.clear()
 
     def hash(self, value: str) -> str:
         if self.hasher is None:
@@ -125,9 +167,10 @@ class AuditLog:
 
     def write(self, entry: dict[str, Any]) -> None:
         """Append one entry. Raises :class:`AuditError` when it cannot be written in full."""
-        line = (json.dumps(entry, separators=(",", ":"), ensure_ascii=False, default=str) + "\n").encode(
-            "utf-8", "surrogatepass"
-        )
+        self._append(_encode(entry))
+
+    def _append(self, text: str) -> None:
+        line = (text + "\n").encode("utf-8", "surrogatepass")
         fd = self._fd
         if fd is None:
             raise AuditError("the audit log is not open")
@@ -148,11 +191,19 @@ class AuditLog:
 
     # ------------------------------------------------------------------ entries
 
-    def auth_block(self, token: str | None, entry: Any) -> dict[str, Any]:
-        """The ``auth`` block: who made the request (token and accessor hashed)."""
+    def auth_block(self, token: str | None, entry: Any) -> Block:
+        """The ``auth`` block: who made the request (token and accessor hashed). Do not change it:
+        a known token's block is shared by all its requests."""
         assert self.hasher is not None
+        id_hash = getattr(entry, "id_hash", None) if token else None
+        if id_hash is not None:
+            # Keyed by the token's SHA-256 (never the token); what the block shows of a token
+            # (policies, accessor, TTL, issue time) is fixed when it is created.
+            hit = self._auth.get(id_hash)
+            if hit is not None and hit[0] == entry.accessor and hit[1] == entry.creation_time:
+                return hit[2]
         h = self.hasher.hash
-        block: dict[str, Any] = {"client_token": h(token) if token else ""}
+        block = Block(client_token=self.hasher.digest(token) if token else "")
         if entry is not None:
             policies = list(getattr(entry, "policies", []) or [])
             block.update(
@@ -168,6 +219,10 @@ class AuditLog:
                     "token_issue_time": _iso(getattr(entry, "creation_time", 0.0)),
                 }
             )
+        if id_hash is not None:
+            if len(self._auth) >= AUTH_CACHE:
+                del self._auth[next(iter(self._auth))]
+            self._auth[id_hash] = (entry.accessor, entry.creation_time, block)
         return block
 
     def request_block(
@@ -182,29 +237,47 @@ class AuditLog:
         entry: Any,
         data: Mapping[str, Any] | None,
         remote: str | None,
-    ) -> dict[str, Any]:
+        auth: Mapping[str, Any] | None = None,
+    ) -> Block:
+        """The ``request`` block. ``auth``: this request's auth block, whose hashes it reuses."""
         assert self.hasher is not None
         h = self.hasher.hash
-        return {
-            "id": request_id,
-            "operation": operation,
-            "mount_point": mount_point,
-            "mount_type": mount_type,
-            "client_token": h(token) if token else "",
-            "client_token_accessor": h(entry.accessor) if entry is not None else "",
-            "namespace": {"id": "root"},
-            "path": path,
-            "data": self.hasher.structure(data) if data else None,
-            "remote_address": remote or "",
-        }
+        if auth is not None and entry is not None and token:
+            client_token, accessor = auth["client_token"], auth["accessor"]
+        else:
+            client_token = self.hasher.digest(token) if token else ""
+            accessor = h(entry.accessor) if entry is not None else ""
+        return Block(
+            id=request_id,
+            operation=operation,
+            mount_point=mount_point,
+            mount_type=mount_type,
+            client_token=client_token,
+            client_token_accessor=accessor,
+            namespace={"id": "root"},
+            path=path,
+            data=self.hasher.structure(data) if data else None,
+            remote_address=remote or "",
+        )
 
-    def log_request(self, auth: dict[str, Any], request: dict[str, Any], error: str = "") -> None:
-        self.write({"time": _now(), "type": "request", "auth": auth, "request": request, "error": error})
+    def log_request(self, auth: Mapping[str, Any], request: Mapping[str, Any], error: str = "") -> None:
+        self._append(
+            f'{{"time":"{self._now()}","type":"request","auth":{_json_of(auth)},'
+            f'"request":{_json_of(request)},"error":{_encode(error)}}}'
+        )
+
+    def _now(self) -> str:
+        ms = int(time.time() * 1000)
+        last_ms, text = self._clock
+        if ms != last_ms:
+            text = iso_ms(ms)
+            self._clock = (ms, text)
+        return text
 
     def log_response(
         self,
-        auth: dict[str, Any],
-        request: dict[str, Any],
+        auth: Mapping[str, Any],
+        request: Mapping[str, Any],
         *,
         status: int,
         data: Any = None,
@@ -230,20 +303,10 @@ class AuditLog:
             response["auth"] = hashed
         if warnings:
             response["warnings"] = list(warnings)
-        self.write(
-            {
-                "time": _now(),
-                "type": "response",
-                "auth": auth,
-                "request": request,
-                "response": response,
-                "error": error,
-            }
+        self._append(
+            f'{{"time":"{self._now()}","type":"response","auth":{_json_of(auth)},'
+            f'"request":{_json_of(request)},"response":{_encode(response)},"error":{_encode(error)}}}'
         )
-
-
-def _now() -> str:
-    return iso_ms(int(time.time() * 1000))
 
 
 def _iso(seconds: float) -> str:

@@ -27,6 +27,9 @@ compare-and-swap and checks again.
 
 With storage only this process writes (SQLite), decrypted entries and directory indexes are cached,
 keyed by logical path and updated on every write; never with S3, where other replicas write too.
+Decoded forms of cached entries (JSON documents, token entries, policy texts) are cached alongside,
+valid only while their entry is the cached one. Concurrent read-modify-writes of one document are
+applied together and written once (:meth:`Barrier.update`).
 """
 
 from __future__ import annotations
@@ -34,16 +37,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hmac
+import builtins
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, ClassVar, Final, TypeVar
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.hmac import HMAC
 
 from plugins.vault_like.logical import VaultError
 from plugins.vault_like.storage import ANY, Conflict, Storage, StorageError, _Any
@@ -60,6 +65,7 @@ _RETRIES: Final = 50
 _CACHE_SIZE: Final = 4096
 _LOCKS: Final = 64
 _MISS: Final[Any] = object()
+_T = TypeVar("_T")
 
 
 class SealedError(Exception):
@@ -124,6 +130,16 @@ class _Keyring:
     path_key: bytes
     install_times: dict[int, str]
     version: str  # of core/keyring in storage
+    # HMAC-SHA256 keyed with path_key, copied per name: OpenSSL 3 makes a fresh HMAC cost ~4x a copy.
+    namer: HMAC = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "namer", HMAC(self.path_key, hashes.SHA256()))
+
+    def name(self, data: bytes) -> str:
+        h = self.namer.copy()
+        h.update(data)
+        return h.finalize().hex()
 
     def encode(self) -> bytes:
         return json.dumps(
@@ -171,6 +187,13 @@ class Barrier:
         self._entries: dict[str, Doc | None] = {}
         self._dirs: dict[str, tuple[tuple[str, ...], str | None]] = {}
         self._generation = 0  # bumped by every write, so a read that raced one is not cached
+        # Exclusive storage only: a decoded form of a cached entry, valid while that very Doc object
+        # is the cached one (every write replaces it), so it can never outlive the entry it came from.
+        self._decoded: dict[tuple[str, Callable[[Doc], Any]], tuple[Doc, Any]] = {}
+        # Storage names of logical paths (HMACs under the path key, which never rotates).
+        self._names: dict[str, str] = {}
+        # Read-modify-writes of one document waiting for its lock: run together, one write for all.
+        self._queued: dict[str, builtins.list[_Update]] = {}
         self._pending: dict[str, dict[str, str]] = {}  # directory -> {name: child path} awaiting a sync
 
     # ------------------------------------------------------------------ seal state
@@ -220,6 +243,8 @@ class Barrier:
         self._keyring = None
         self._entries.clear()
         self._dirs.clear()
+        self._decoded.clear()
+        self._names.clear()
 
     async def rotate(self) -> dict[str, Any]:
         """Add a keyring term and make it the active one. Entries under older terms stay readable."""
@@ -285,10 +310,14 @@ class Barrier:
     # ------------------------------------------------------------------ crypto and naming
 
     def _entry_key(self, keyring: _Keyring, path: str) -> str:
-        return "e/" + hmac.digest(keyring.path_key, b"e:" + path.encode(), "sha256").hex()
+        name = self._names.get(path)
+        if name is None:
+            name = "e/" + keyring.name(b"e:" + path.encode())
+            self._remember(self._names, path, name)
+        return name
 
     def _dir_key(self, keyring: _Keyring, directory: str) -> str:
-        return "d/" + hmac.digest(keyring.path_key, b"d:" + directory.encode(), "sha256").hex()
+        return "d/" + keyring.name(b"d:" + directory.encode())
 
     @staticmethod
     def _dir_aad(directory: str) -> bytes:
@@ -330,7 +359,7 @@ class Barrier:
 
     # ------------------------------------------------------------------ cached reads
 
-    def _remember(self, cache: dict[str, Any], key: str, value: Any) -> None:
+    def _remember(self, cache: dict[Any, Any], key: Any, value: Any) -> None:
         if key not in cache and len(cache) >= _CACHE_SIZE:
             del cache[next(iter(cache))]  # oldest first; a small cache, not an LRU
         cache[key] = value
@@ -377,7 +406,28 @@ class Barrier:
         _check_path(path)
         return await self._read_entry(path)
 
-    async def put(self, path: str, value: bytes, expect: str | _Any | None = ANY) -> str:
+    def decoded(self, path: str, doc: Doc, decode: Callable[[Doc], _T]) -> _T:
+        """``decode(doc)``, computed once per cached entry (exclusive storage) and shared after that.
+
+        The result is handed to every later reader of the same entry version: callers must treat it
+        as immutable. With shared storage (S3) nothing is cached and every call decodes afresh.
+        """
+        if not self._exclusive:
+            return decode(doc)
+        key = (path, decode)
+        hit = self._decoded.get(key)
+        if hit is not None and hit[0] is doc:
+            return hit[1]  # type: ignore[no-any-return]
+        value = decode(doc)
+        if self._entries.get(path) is doc:  # only what the entry cache holds (not a raced read)
+            self._remember(self._decoded, key, (doc, value))
+        return value
+
+    async def put(
+        self, path: str, value: bytes, expect: str | _Any | None = ANY, *, indexed: bool = True
+    ) -> str:
+        """Write an entry. ``indexed=False``: the entry never appears in its directory's listing
+        (saves a directory write per new entry, for documents only ever found by their name)."""
         _check_path(path)
         _, keyring = self._require()
         blob = self._encrypt(keyring, bytes(value), path.encode())
@@ -391,7 +441,8 @@ class Barrier:
         if self._exclusive:
             self._remember(self._entries, path, Doc(bytes(value), version))
         # A write that may have created the entry must touch the index when others write too (S3).
-        await self._sync_up(path)
+        if indexed:
+            await self._sync_up(path)
         return version
 
     async def delete(self, path: str, expect: str | _Any = ANY) -> None:
@@ -413,6 +464,92 @@ class Barrier:
         _check_dir(prefix)
         children, _ = await self._read_dir(prefix)
         return list(children)
+
+    async def update(
+        self,
+        path: str,
+        fn: Callable[[Any], Any],
+        decode: Callable[[Doc], Any],
+        encode: Callable[[Any], bytes],
+    ) -> Any:
+        """Optimistic read-modify-write of one entry (see :meth:`JsonStore.update`).
+
+        Updates of one path queue on its lock; whoever gets the lock applies every queued ``fn`` in
+        arrival order, each to the previous one's result, and writes the outcome once (one fsync for
+        a burst of writers to one key). Each caller gets its own outcome: its ``fn``'s result, or
+        the exception its ``fn`` raised (which leaves the document as the previous ``fn`` left it).
+        Nobody's result is acknowledged before the combined write succeeded; on a lost
+        compare-and-swap the whole batch is re-applied to the winner's document.
+        """
+        _check_path(path)
+        mine = _Update(fn, asyncio.get_running_loop().create_future())
+        self._queued.setdefault(path, []).append(mine)
+        try:
+            await self.update_lock(path).acquire()
+        except asyncio.CancelledError:
+            queued = self._queued.get(path)
+            if queued is not None and mine in queued:  # not applied: a cancelled caller writes nothing
+                queued.remove(mine)
+            raise
+        try:
+            if not mine.future.done():
+                batch = self._queued.pop(path, [])
+                if mine not in batch:  # cannot happen: ours is queued until someone resolves it
+                    batch.append(mine)
+                try:
+                    await self._apply_updates(path, batch, decode, encode)
+                except BaseException as exc:
+                    for update in batch:
+                        if update is mine or update.future.done():
+                            continue  # ours: raised below
+                        if isinstance(exc, asyncio.CancelledError):
+                            self._queued.setdefault(path, []).insert(0, update)  # theirs, not failed
+                        elif isinstance(exc, Exception):
+                            update.future.set_exception(exc)
+                        else:
+                            update.future.cancel()
+                    raise
+        finally:
+            self.update_lock(path).release()
+        return mine.future.result()
+
+    async def _apply_updates(
+        self,
+        path: str,
+        batch: builtins.list[_Update],
+        decode: Callable[[Doc], Any],
+        encode: Callable[[Any], bytes],
+    ) -> None:
+        for _ in range(_RETRIES):
+            doc = await self.get(path)
+            current = None if doc is None else decode(doc)
+            outcomes: list[tuple[bool, Any]] = []
+            changed = False
+            for update in batch:
+                try:
+                    new = update.fn(current)
+                except Exception as exc:  # this caller's abort (CAS mismatch, ...): not the others'
+                    outcomes.append((False, exc))
+                    continue
+                outcomes.append((True, new))
+                current, changed = new, True
+            try:
+                if changed and current is None:
+                    if doc is not None:
+                        await self.delete(path, expect=doc.version)
+                elif changed:
+                    await self.put(path, encode(current), expect=None if doc is None else doc.version)
+            except Conflict:
+                continue
+            for update, (ok, outcome) in zip(batch, outcomes, strict=True):
+                if update.future.done():
+                    continue
+                if ok:
+                    update.future.set_result(outcome)
+                else:
+                    update.future.set_exception(outcome)
+            return
+        raise Conflict("too many concurrent updates of one document")
 
     # ------------------------------------------------------------------ directory indexes
 
@@ -507,6 +644,12 @@ class Barrier:
         raise StorageError("a directory index kept changing")
 
 
+@dataclass(eq=False, slots=True)
+class _Update:
+    fn: Callable[[Any], Any]
+    future: asyncio.Future[Any]
+
+
 class JsonStore:
     """JSON documents under a logical prefix (``"logical/<mount uuid>/"``): what backends use."""
 
@@ -539,8 +682,27 @@ class JsonStore:
         doc = await self.barrier.get(self.prefix + path)
         return None if doc is None else self._decode(doc)
 
-    async def write(self, path: str, data: dict[str, Any]) -> None:
-        await self.barrier.put(self.prefix + path, self._encode(data))
+    async def read_shared(self, path: str) -> dict[str, Any] | None:
+        """Like :meth:`read`, but the document may be shared with other readers: never mutate it.
+
+        With exclusive storage each stored version is decoded once; the next write replaces it.
+        """
+        full = self.prefix + path
+        doc = await self.barrier.get(full)
+        return None if doc is None else self.barrier.decoded(full, doc, self._decode)
+
+    async def read_as(self, path: str, convert: Callable[[dict[str, Any]], _T]) -> _T | None:
+        """``convert(document)``, computed once per stored version (exclusive storage); shared, so
+        ``convert`` should build something immutable (or that callers copy before changing)."""
+        full = self.prefix + path
+        doc = await self.barrier.get(full)
+        if doc is None:
+            return None
+        return self.barrier.decoded(full, doc, _Converter.of(convert))
+
+    async def write(self, path: str, data: dict[str, Any], *, indexed: bool = True) -> None:
+        """Write a document; ``indexed=False`` keeps it out of :meth:`list` (one write fewer)."""
+        await self.barrier.put(self.prefix + path, self._encode(data), indexed=indexed)
 
     async def delete(self, path: str) -> None:
         await self.barrier.delete(self.prefix + path)
@@ -558,20 +720,31 @@ class JsonStore:
         ``fn`` may run more than once and may raise to abort (nothing is written then). Of two writers
         (tasks, or replicas on one bucket) that read the same version, exactly one wins; the other
         re-reads and calls ``fn`` again with the winner's document.
+
+        Concurrent updates of one document in this process are applied together, in order, and
+        written once (:meth:`Barrier.update`): ``fn`` may receive the document another caller's
+        ``fn`` just returned, so it must not mutate its argument (build a new document).
         """
-        full = self.prefix + path
-        async with self.barrier.update_lock(full):
-            for _ in range(_RETRIES):
-                doc = await self.barrier.get(full)
-                new = fn(None if doc is None else self._decode(doc))
-                try:
-                    if new is None:
-                        if doc is not None:
-                            await self.barrier.delete(full, expect=doc.version)
-                        return None
-                    expect = None if doc is None else doc.version
-                    await self.barrier.put(full, self._encode(new), expect=expect)
-                except Conflict:
-                    continue
-                return new
-        raise Conflict("too many concurrent updates of one document")
+        result: dict[str, Any] | None = await self.barrier.update(
+            self.prefix + path, fn, self._decode, self._encode
+        )
+        return result
+
+
+class _Converter:
+    """A decode function (Doc -> value) per convert function (dict -> value), made once each, so
+    the barrier's decoded cache keys stay stable (a new closure per call would never hit)."""
+
+    _made: ClassVar[dict[Callable[[dict[str, Any]], Any], Callable[[Doc], Any]]] = {}
+
+    @classmethod
+    def of(cls, convert: Callable[[dict[str, Any]], _T]) -> Callable[[Doc], _T]:
+        made = cls._made.get(convert)
+        if made is None:
+
+            def made(doc: Doc) -> Any:
+                return convert(JsonStore._decode(doc))
+
+            if len(cls._made) < 64:  # meant for module-level functions; a stream of closures is not kept
+                cls._made[convert] = made
+        return made

@@ -8,7 +8,9 @@ Layout inside the mount's :class:`JsonStore` (which encrypts everything, names i
 - ``config``: the engine settings;
 - ``meta/<key>``: one document per key: its settings and every live version's metadata
   (created and deletion time in nanoseconds, destroyed flag, and the id of its data document);
-- ``ver/<key>/<id>``: one document per version, ``{"data": ...}``.
+- ``ver/<key>/<id>``: one document per version, ``{"data": ...}``, written unlisted (the store keeps
+  it out of its directory index: it is only ever found through the metadata, and a new version then
+  costs no index write).
 
 So a read is two store reads (metadata, then the version), and ``metadata/`` LIST is one
 directory listing of ``meta/``. Version documents have random ids, never version numbers: a
@@ -24,11 +26,12 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import logging
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
 
 from sidecar.logs import event
@@ -85,6 +88,7 @@ class _Stale(Exception):
 # Time and duration formats (Go's, since clients compare and parse them)
 
 
+@functools.lru_cache(maxsize=4096)  # every read renders its version's times: the same few, again
 def rfc3339(ns: int) -> str:
     """Nanoseconds since the epoch as Go's RFC3339Nano (trailing zeros trimmed); 0 is ""."""
     if not ns:
@@ -494,6 +498,14 @@ class KvV2:
     def __init__(self, store: JsonStoreLike, mount_path: str) -> None:
         self.store = store
         self.mount_path = mount_path
+        # This engine never mutates a document it read (see the module docstring), so it may read
+        # the store's shared decoded copies (barrier.JsonStore.read_shared) where the store has them.
+        self._read: Callable[[str], Awaitable[Doc | None]] = getattr(store, "read_shared", store.read)
+        # Version documents are found by their id in the metadata, never listed: the real store can
+        # keep them out of its directory index, which saves a write per new version.
+        self._write_version: Callable[[str, Doc], Awaitable[None]] = store.write
+        if hasattr(store, "read_shared"):
+            self._write_version = functools.partial(getattr(store, "write"), indexed=False)  # noqa: B009
 
     # -- Backend protocol ---------------------------------------------------------------------
 
@@ -505,7 +517,7 @@ class KvV2:
                 key = path[len(prefix) :]
                 if not key or key.endswith("/"):
                     return False
-                return await self.store.read(_meta_path(key)) is not None
+                return await self._read(_meta_path(key)) is not None
         return None
 
     async def handle(self, request: LogicalRequest) -> LogicalResponse:
@@ -546,7 +558,7 @@ class KvV2:
     # -- config -------------------------------------------------------------------------------
 
     async def _config(self) -> Doc:
-        return await self.store.read("config") or _DEFAULT_CONFIG
+        return await self._read("config") or _DEFAULT_CONFIG
 
     async def _config_op(self, request: LogicalRequest) -> LogicalResponse:
         if request.operation == "read":
@@ -592,7 +604,7 @@ class KvV2:
         raise VaultError(405, _UNSUPPORTED)
 
     async def _data_read(self, key: str, request: LogicalRequest) -> LogicalResponse:
-        meta = await self.store.read(_meta_path(key)) if key else None
+        meta = await self._read(_meta_path(key)) if key else None
         if meta is None:
             raise VaultError(404)
         wanted = _as_int("version", _param(request, "version"))
@@ -604,7 +616,7 @@ class KvV2:
         if vm["x"] or _is_deleted(vm, time.time_ns()):
             # Vault answers 404 *with* the version's metadata (hvac raise_on_deleted_version=False).
             raise VaultError(404, data={"data": None, "metadata": metadata})
-        version = await self.store.read(_version_path(key, vm["id"]))
+        version = await self._read(_version_path(key, vm["id"]))
         if version is None:
             raise VaultError(500, "could not find version data")
         return LogicalResponse(data={"data": version["data"], "metadata": metadata})
@@ -617,7 +629,7 @@ class KvV2:
         cas_present, cas = _cas_option(body, validation=False)
         config = await self._config()
         # Fail a check-and-set early, before storing anything; the update below re-checks atomically.
-        _check_cas(cas_present, cas, config, await self.store.read(_meta_path(key)))
+        _check_cas(cas_present, cas, config, await self._read(_meta_path(key)))
 
         def check(meta: Doc | None) -> None:
             _check_cas(cas_present, cas, config, meta)
@@ -632,7 +644,7 @@ class KvV2:
         patch = _as_map("data", body["data"], validation=True)
         cas_present, cas = _cas_option(body, validation=True)
         for _attempt in range(_PATCH_RETRIES):
-            meta = await self.store.read(_meta_path(key)) if key else None
+            meta = await self._read(_meta_path(key)) if key else None
             if meta is None:
                 raise VaultError(404)
             config = await self._config()
@@ -644,7 +656,7 @@ class KvV2:
             if vm["x"] or _is_deleted(vm, time.time_ns()):
                 # PATCH's 404 body is the flat version metadata (not {"data","metadata"}), as in Vault.
                 raise VaultError(404, data=_version_metadata(number, vm, meta["custom"]))
-            version = await self.store.read(_version_path(key, vm["id"]))
+            version = await self._read(_version_path(key, vm["id"]))
             if version is None:
                 raise VaultError(500, "could not find version data")
             if version["data"] is None:
@@ -670,7 +682,7 @@ class KvV2:
     ) -> LogicalResponse:
         """Store ``data`` as a new version document, then claim the next number in the metadata."""
         version_id = secrets.token_hex(8)
-        await self.store.write(_version_path(key, version_id), {"data": data})
+        await self._write_version(_version_path(key, version_id), {"data": data})
         pruned: list[str] = []
         added: Doc = {}
 
@@ -747,7 +759,7 @@ class KvV2:
         if not key or key.endswith("/"):
             return
         # A cheap read first: most no-op requests (missing key) never reach the update's write path.
-        if await self.store.read(_meta_path(key)) is None:
+        if await self._read(_meta_path(key)) is None:
             return
         with contextlib.suppress(_Unchanged):
             await self.store.update(_meta_path(key), fn)
@@ -847,7 +859,7 @@ class KvV2:
         return LogicalResponse(data={"keys": keys})
 
     async def _metadata_read(self, key: str) -> LogicalResponse:
-        meta = await self.store.read(_meta_path(key)) if key and not key.endswith("/") else None
+        meta = await self._read(_meta_path(key)) if key and not key.endswith("/") else None
         if meta is None:
             raise VaultError(404)
         versions = {
@@ -928,7 +940,7 @@ class KvV2:
         mcas_present = "metadata_cas" in body
         mcas = _as_int("metadata_cas", body.get("metadata_cas"), validation=False)
         config = await self._config()
-        if not key or await self.store.read(_meta_path(key)) is None:
+        if not key or await self._read(_meta_path(key)) is None:
             raise VaultError(404)
 
         def patch(old: Doc | None) -> Doc:
@@ -982,7 +994,7 @@ class KvV2:
     async def _subkeys(self, key: str, request: LogicalRequest) -> LogicalResponse:
         depth = _as_int("depth", _param(request, "depth"))
         wanted = _as_int("version", _param(request, "version"))
-        meta = await self.store.read(_meta_path(key)) if key else None
+        meta = await self._read(_meta_path(key)) if key else None
         if meta is None:
             raise VaultError(404)
         number = wanted if wanted > 0 else meta["current"]
@@ -992,7 +1004,7 @@ class KvV2:
         metadata = _version_metadata(number, vm, meta["custom"])
         if vm["x"] or _is_deleted(vm, time.time_ns()):
             raise VaultError(404, data={"metadata": metadata, "subkeys": None})
-        version = await self.store.read(_version_path(key, vm["id"]))
+        version = await self._read(_version_path(key, vm["id"]))
         if version is None:
             raise VaultError(500, "could not find version data")
         try:

@@ -267,12 +267,27 @@ class TokenEntry:
             id=token,
         )
 
+    def clone(self, token: str = "") -> TokenEntry:
+        """A copy whose scalar fields can change independently (lists and dicts are never mutated)."""
+        copy = object.__new__(TokenEntry)
+        copy.__dict__.update(self.__dict__)
+        copy.id = token
+        return copy
+
     @property
     def is_root(self) -> bool:
         return "root" in self.policies
 
     def expired(self, now: float) -> bool:
         return self.expire_time is not None and now >= self.expire_time
+
+
+def _entry_from_doc(doc: dict[str, Any]) -> TokenEntry:
+    return TokenEntry.from_doc(doc)
+
+
+def _policy_text(doc: dict[str, Any]) -> str:
+    return str(doc["policy"])
 
 
 def _unsupported_path() -> VaultError:
@@ -344,10 +359,19 @@ class TokenStore:
         await self._store.write(f"id/{entry.id_hash}", entry.to_doc())
 
     async def _by_hash(self, id_hash: str, token: str = "") -> TokenEntry | None:
-        doc = await self._store.read(f"id/{id_hash}")
-        if doc is None:
-            return None
-        entry = TokenEntry.from_doc(doc, token)
+        read_as = getattr(self._store, "read_as", None)
+        if read_as is not None:
+            # The real store decodes each stored version of the entry once (exclusive storage) and
+            # every write, use or revocation replaces it; callers get their own copy to change.
+            template: TokenEntry | None = await read_as(f"id/{id_hash}", _entry_from_doc)
+            if template is None:
+                return None
+            entry = template.clone(token)
+        else:
+            doc = await self._store.read(f"id/{id_hash}")
+            if doc is None:
+                return None
+            entry = TokenEntry.from_doc(doc, token)
         # The key already binds the hash; compare anyway, in constant time, as defence in depth.
         if not hmac.compare_digest(entry.id_hash, id_hash):
             return None
@@ -831,11 +855,18 @@ class PolicyStore:
             return None
         if norm == "root":
             return _ROOT_POLICY
-        doc = await self._store.read(norm)
-        if doc is None:
+        # Every request's ACL check reads its token's policies: the real store decodes each stored
+        # version once, so a replica still sees another's policy change (S3 never caches).
+        read_as = getattr(self._store, "read_as", None)
+        if read_as is not None:
+            text: str | None = await read_as(norm, _policy_text)
+        else:
+            doc = await self._store.read(norm)
+            text = None if doc is None else str(doc["policy"])
+        if text is None:
             return _parse_cached("default", DEFAULT_POLICY) if norm == "default" else None
         try:
-            return _parse_cached(norm, str(doc["policy"]))
+            return _parse_cached(norm, text)
         except PolicyError:
             # Stored policies were validated on write; one that no longer parses grants nothing.
             event(log, logging.ERROR, "vault_policy_unparseable", policy=norm)
