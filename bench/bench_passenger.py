@@ -101,7 +101,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import gc
 import http.client
 import json
@@ -111,7 +110,6 @@ import random
 import re
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -126,19 +124,31 @@ from pathlib import Path
 from typing import Any
 
 from benchlib import (
+    CONNECTIONS,
+    HOST,
+    NOISY,
     ROOT,
+    Measurement,
+    check_alive,
     children_cpu_seconds,
+    free_ports,
     git_revision,
+    interleaved_rounds,
     machine_cpu_seconds,
+    machine_line,
+    median,
     pin_cpus,
-    process_cpu_seconds,
+    print_noise,
+    round_ratios,
+    run_wrk,
+    spawn,
+    stop_process,
+    tail_file,
 )
+from benchlib import measure as measure_load
 
-HOST = "127.0.0.1"
 PASSENGER = "/enclave/passenger"
 READY = "/enclave/ready"
-CONNECTIONS = 50
-NOISY = 0.15  # cores used by other processes during a measurement before its round is rerun
 START_TIMEOUT = 120.0  # seconds for a server to answer (ours loads the list first)
 STOP_TIMEOUT = 10.0
 
@@ -297,18 +307,6 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
-
-
-def free_ports(count: int) -> list[int]:
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
-        for s in socks:
-            s.bind((HOST, 0))
-        return [int(s.getsockname()[1]) for s in socks]
-
-
-def median(values: Sequence[float]) -> float:
-    return statistics.median(values) if values else float("nan")
 
 
 def versions(*dists: str) -> str:
@@ -751,27 +749,6 @@ class Server:
         return f"http://{HOST}:{self.port}{path}"
 
 
-@dataclass
-class LoadResult:
-    rps: float
-    p99_ms: float
-    requests: int
-    non2xx: int
-    socket_errors: str
-
-
-@dataclass
-class Measurement:
-    result: LoadResult
-    cpu_us: float | None
-    busy: float | None
-    other: float | None
-
-    @property
-    def noisy(self) -> bool:
-        return self.other is not None and self.other > NOISY
-
-
 def query_mix(names: Sequence[str], count: int = MIX_SIZE) -> list[tuple[str, bool]]:
     """(display name, listed?) pairs: half listed, half not, ~10% non-ASCII, spaces and capitals."""
     rng = random.Random(SEED + 3)
@@ -984,35 +961,15 @@ def make_servers(tmp: Path, wanted: Sequence[str], names_file: Path) -> list[Ser
 
 
 def start(server: Server, prefix: list[str]) -> None:
-    with server.log_path.open("ab") as log:
-        server.proc = subprocess.Popen(
-            [*prefix, *server.argv],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            cwd=server.cwd or ROOT,
-            env=server.env,
-            start_new_session=True,
-        )
+    server.proc = spawn([*prefix, *server.argv], server.log_path, server.cwd or ROOT, server.env)
 
 
 def stop(server: Server) -> None:
-    proc = server.proc
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=STOP_TIMEOUT)
+    stop_process(server.proc, STOP_TIMEOUT)
 
 
 def tail(server: Server, lines: int = 30) -> str:
-    try:
-        return "\n".join(server.log_path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
+    return tail_file(server.log_path, lines)
 
 
 def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, str]:
@@ -1074,60 +1031,15 @@ def check_429(server: Server, path: str) -> str:
     raise RuntimeError(f"{server.name}: no 429 in 10,000 requests from one client")
 
 
-def _duration_ms(value: str, unit: str) -> float:
-    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
-
-
-def run_wrk(server: Server, script: Path, duration: int, prefix: list[str]) -> LoadResult:
-    argv = [
-        *prefix,
-        "wrk",
-        "-t1",
-        f"-c{CONNECTIONS}",
-        f"-d{duration}s",
-        "--latency",
-        "-s",
-        str(script),
-        server.url(),
-    ]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=False)
-    out = done.stdout
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr or out}".strip())
-    rps = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M)
-    p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M)
-    total = re.search(r"^\s*(\d+) requests in ", out, re.M)
-    if rps is None or p99 is None or total is None:
-        raise RuntimeError(f"cannot parse wrk output:\n{out}")
-    non2xx = re.search(r"^\s*Non-2xx or 3xx responses:\s*(\d+)", out, re.M)
-    sock = re.search(r"^\s*Socket errors:.*$", out, re.M)
-    return LoadResult(
-        float(rps.group(1)),
-        _duration_ms(p99.group(1), p99.group(2)),
-        int(total.group(1)),
-        int(non2xx.group(1)) if non2xx else 0,
-        sock.group(0).strip() if sock else "",
-    )
-
-
 def measure(server: Server, script: Path, duration: int, prefix: list[str]) -> Measurement:
     assert server.proc is not None
-    pid = server.proc.pid
-    before, machine0, tool0 = process_cpu_seconds(pid), machine_cpu_seconds(), children_cpu_seconds()
-    result = run_wrk(server, script, duration, prefix)
-    after, machine1, tool1 = process_cpu_seconds(pid), machine_cpu_seconds(), children_cpu_seconds()
-    if result.non2xx and not server.expects_429:
+    m = measure_load(server.proc.pid, duration, lambda: run_wrk(server.url(), duration, prefix, script))
+    if m.result.non2xx and not server.expects_429:
         # Requests/s of error answers would mean nothing: stop rather than report them.
         raise RuntimeError(
-            f"{server.name}: {result.non2xx} of {result.requests} answers under load were not 2xx"
+            f"{server.name}: {m.result.non2xx} of {m.result.requests} answers under load were not 2xx"
         )
-    cpu_us = busy = other = None
-    if before is not None and after is not None and result.requests:
-        cpu_us = (after - before) * 1e6 / result.requests
-        busy = (after - before) / duration
-        if machine0 is not None and machine1 is not None:
-            other = max(0.0, (machine1 - machine0) - (after - before) - (tool1 - tool0)) / duration
-    return Measurement(result, cpu_us, busy, other)
+    return m
 
 
 def record(server: Server, m: Measurement) -> None:
@@ -1200,26 +1112,15 @@ def run_http(args: argparse.Namespace) -> int:
             print(f"  all servers gave the expected text for all {len(mix)} URLs of the mix")
             for s in servers:
                 measure(s, script, args.warmup, tool_prefix)
-            kept = noisy_kept = attempt = 0
-            while kept < args.rounds:
-                shift = attempt % len(servers)
-                order = servers[shift:] + servers[:shift]
-                attempt += 1
-                measured = [(s, measure(s, script, args.duration, tool_prefix)) for s in order]
-                for s in servers:
-                    if s.proc is not None and s.proc.poll() is not None:
-                        raise RuntimeError(f"{s.name} died during the run\n{tail(s)}")
-                cells = ", ".join(f"{s.name} {m.result.rps:.0f}{'*' if m.noisy else ''}" for s, m in measured)
-                noisy = any(m.noisy for _, m in measured)
-                if noisy and retries > 0:
-                    retries -= 1
-                    print(f"  noisy, rerun:  {cells}", flush=True)
-                    continue
-                kept += 1
-                noisy_kept += noisy
-                for s, m in measured:
-                    record(s, m)
-                print(f"  round {kept}/{args.rounds}: {cells}", flush=True)
+            noisy_kept = interleaved_rounds(
+                servers,
+                args.rounds,
+                retries,
+                lambda s: measure(s, script, args.duration, tool_prefix),
+                lambda s: s.name,
+                record,
+                lambda: check_alive(servers),
+            )
             report_http(servers, args, time.monotonic() - started, noisy_kept)
             if args.profile:
                 profile_servers(
@@ -1309,9 +1210,8 @@ def profile_servers(servers: list[Server], script: Path, duration: int, prefix: 
 
 
 def ratio(num: Server, den: Server) -> tuple[float, str]:
-    r = median(num.rps) / median(den.rps)
-    per = [a / b for a, b in zip(num.rps, den.rps, strict=True)]
-    return r, f"{r:6.2f}   (per round: median {median(per):.2f}, {min(per):.2f}..{max(per):.2f})"
+    r, _, spread = round_ratios(num.rps, den.rps)
+    return r, f"{r:6.2f}   ({spread})"
 
 
 def cpu_ratio(num: Server, den: Server) -> str:
@@ -1342,17 +1242,7 @@ def report_http(servers: list[Server], args: argparse.Namespace, elapsed: float,
         )
     print("(CPU us/req and CPU busy: the server process's own CPU time, all its threads; busy ~100% = it was")
     print(" the bottleneck. non-2xx: share of answers that were not 2xx, e.g. 429s)")
-    other = [o for s in servers for o in s.other]
-    if other:
-        print(
-            f"other processes on the machine used {median(other):.2f} cores (median), {max(other):.2f} (max) "
-            "while loading"
-        )
-    if noisy:
-        print(
-            f"WARNING: {noisy} of the {args.rounds} rounds kept (marked *) had more than {NOISY} of a core "
-            "going to other processes; requests/s and ratios are noisy -- rerun on a quiet machine"
-        )
+    print_noise([o for s in servers for o in s.other], args.rounds, noisy)
     problems = [f"{s.name}: {e}" for s in servers for e in s.errors if e]
     if problems:
         print("load generator reported errors (these results are suspect):")
@@ -1781,9 +1671,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--duration > 0, --rounds >= 1, --warmup >= 1, --load-rounds >= 1")
     if args.http_names < MIX_SIZE * 4:
         parser.error(f"--http-names must be >= {MIX_SIZE * 4}")
-    print(
-        f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}  {platform.node()}  {os.cpu_count()} CPUs"
-    )
+    print(machine_line())
     print(f"python {platform.python_version()}  {versions('aiohttp', 'cryptography', 'flask', 'werkzeug')}")
     print(f"sidecar source: {source_revision()}")
     code = 0

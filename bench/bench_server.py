@@ -46,15 +46,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import datetime
 import http.client
-import os
 import platform
 import re
 import shutil
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,19 +59,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchlib import (
-    children_cpu_seconds,
+    CONNECTIONS,
+    HOST,
+    LoadResult,
+    Measurement,
+    check_alive,
+    free_ports,
     git_revision,
-    machine_cpu_seconds,
+    interleaved_rounds,
+    machine_line,
+    measure,
+    median,
     pin_cpus,
-    process_cpu_seconds,
+    print_noise,
+    round_ratios,
+    run_tool,
+    run_wrk,
+    spawn,
+    stop_process,
+    tail_file,
 )
 
-HOST = "127.0.0.1"
 HEALTH = "/enclave/health"
-CONNECTIONS = 50
 TARGET = 0.9
 START_TIMEOUT = 20.0  # seconds for a server to answer 200 on /enclave/health
-NOISY = 0.15  # cores used by other processes during a measurement before its round is rerun
 QUIET_WAIT = 60.0  # seconds a round waits for the machine to be quiet before it starts anyway
 STOP_TIMEOUT = 10.0  # seconds for a server to exit after SIGTERM before it is killed
 
@@ -130,39 +136,12 @@ class Server:
     def url(self) -> str:
         return f"http://{HOST}:{self.port}{HEALTH}"
 
-
-@dataclass
-class LoadResult:
-    rps: float
-    p99_ms: float
-    requests: int
-    errors: str  # "" when every response was a 2xx and no socket errors were reported
-
-
-@dataclass
-class Measurement:
-    """One server loaded once: what the load generator saw and what the server process spent."""
-
-    result: LoadResult
-    cpu_us: float | None  # server CPU time per request, microseconds
-    busy: float | None  # server CPU time / wall time
-    other: float | None  # cores used by everything but the server and the load generator
-
     @property
-    def noisy(self) -> bool:
-        return self.other is not None and self.other > NOISY
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
 
 
 # ---------------------------------------------------------------------------- set-up
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct ports the kernel reports free on 127.0.0.1 (held open together, then released)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
-        for s in socks:
-            s.bind((HOST, 0))
-        return [int(s.getsockname()[1]) for s in socks]
 
 
 def write_sidecar_config(directory: Path, port: int, proxy_port: int, access: bool) -> tuple[Path, Path]:
@@ -242,15 +221,7 @@ def make_servers(tmp: Path) -> list[Server]:
 
 def start(server: Server, cwd: Path, prefix: list[str] | None = None) -> None:
     """Start the server; ``prefix`` (``taskset -c N`` or ``valgrind ...``) execs it in the same process."""
-    with server.log_path.open("ab") as log:  # the child keeps its own descriptor
-        server.proc = subprocess.Popen(
-            [*(prefix or []), *server.argv],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            cwd=cwd,
-            start_new_session=True,
-        )
+    server.proc = spawn([*(prefix or []), *server.argv], server.log_path, cwd)
 
 
 def wait_healthy(server: Server, timeout: float = START_TIMEOUT) -> None:
@@ -275,54 +246,14 @@ def wait_healthy(server: Server, timeout: float = START_TIMEOUT) -> None:
 
 
 def tail(server: Server, lines: int = 20) -> str:
-    try:
-        text = server.log_path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
+    return tail_file(server.log_path, lines)
 
 
 def stop(server: Server) -> None:
-    proc = server.proc
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=STOP_TIMEOUT)
+    stop_process(server.proc, STOP_TIMEOUT)
 
 
 # ---------------------------------------------------------------------------- load
-
-
-def _duration_ms(value: str, unit: str) -> float:
-    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
-
-
-def run_tool(argv: list[str], duration: int) -> str:
-    """Run the load generator with a hard timeout; its output, or a RuntimeError quoting it."""
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr or done.stdout}".strip())
-    return done.stdout
-
-
-def run_wrk(url: str, duration: int, prefix: list[str]) -> LoadResult:
-    argv = [*prefix, "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{duration}s", "--latency", url]
-    out = run_tool(argv, duration)
-    rps = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M)
-    p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M)
-    total = re.search(r"^\s*(\d+) requests in ", out, re.M)
-    if rps is None or p99 is None or total is None:
-        raise RuntimeError(f"cannot parse wrk output:\n{out}")
-    errors = [
-        m.group(0).strip()
-        for m in re.finditer(r"^\s*(Non-2xx or 3xx responses|Socket errors):.*$", out, re.M)
-    ]
-    p99_ms = _duration_ms(p99.group(1), p99.group(2))
-    return LoadResult(float(rps.group(1)), p99_ms, int(total.group(1)), "; ".join(errors))
 
 
 def run_hey(url: str, duration: int, prefix: list[str]) -> LoadResult:
@@ -336,7 +267,7 @@ def run_hey(url: str, duration: int, prefix: list[str]) -> LoadResult:
     if "Error distribution" in out:
         bad.append("errors reported")
     total = sum(int(n) for _, n in codes)
-    return LoadResult(float(rps.group(1)), float(p99.group(1)) * 1000, total, "; ".join(bad))
+    return LoadResult(float(rps.group(1)), float(p99.group(1)) * 1000, total, errors="; ".join(bad))
 
 
 TOOLS = {
@@ -356,19 +287,12 @@ def load_tool(choice: str) -> str:
 
 def load(tool: str, server: Server, duration: int, prefix: list[str]) -> Measurement:
     """Load one server once: requests/s and p99, and the CPU time the server and the rest spent."""
-    before, machine_before, tool_before = cpu_seconds(server), machine_cpu_seconds(), children_cpu_seconds()
-    run = run_wrk if tool == "wrk" else run_hey
-    result = run(server.url, duration, prefix)
-    after, machine_after, tool_after = cpu_seconds(server), machine_cpu_seconds(), children_cpu_seconds()
-    server.served += result.requests
-    cpu_us = busy = other = None
-    if before is not None and after is not None and result.requests:
-        cpu_us = (after - before) * 1e6 / result.requests
-        busy = (after - before) / duration
-        if machine_before is not None and machine_after is not None:
-            others = (machine_after - machine_before) - (after - before) - (tool_after - tool_before)
-            other = max(0.0, others) / duration
-    return Measurement(result, cpu_us, busy, other)
+    if tool == "wrk":
+        m = measure(server.pid, duration, lambda: run_wrk(server.url, duration, prefix))
+    else:
+        m = measure(server.pid, duration, lambda: run_hey(server.url, duration, prefix))
+    server.served += m.result.requests
+    return m
 
 
 def record(server: Server, m: Measurement) -> None:
@@ -380,26 +304,6 @@ def record(server: Server, m: Measurement) -> None:
         server.busy.append(m.busy)
     if m.other is not None:
         server.other.append(m.other)
-
-
-def cpu_seconds(server: Server) -> float | None:
-    """User + system CPU time of the server process so far, or None without one."""
-    return process_cpu_seconds(server.proc.pid) if server.proc is not None else None
-
-
-def wait_quiet(limit: float) -> float:
-    """Wait (at most ``limit`` s) until the machine is quiet; the seconds waited.
-
-    Between rounds the servers are idle, so whatever keeps the machine busy is someone else.
-    """
-    started = time.monotonic()
-    while time.monotonic() - started < limit:
-        before = machine_cpu_seconds()
-        time.sleep(1.0)
-        after = machine_cpu_seconds()
-        if before is None or after is None or after - before <= NOISY:
-            break
-    return time.monotonic() - started - 1.0
 
 
 # ---------------------------------------------------------------------------- instructions
@@ -496,17 +400,10 @@ def run_instructions(servers: list[Server], tmp: Path, requests: int) -> int:
 # ---------------------------------------------------------------------------- report
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
 def ratio_line(name: str, servers: dict[str, Server], base: str = "bare") -> tuple[float, float, str]:
     """Requests/s of ``name`` over ``base``: ratio of the medians, median per-round ratio, a line."""
-    num, den = servers[name], servers[base]
-    ratio = median(num.rps) / median(den.rps)
-    per_round = [a / b for a, b in zip(num.rps, den.rps, strict=True)]
-    spread = f"per round: median {median(per_round):.2f}, {min(per_round):.2f}..{max(per_round):.2f}"
-    return ratio, median(per_round), f"  {name + '/' + base:<22} {ratio:5.2f}   ({spread})"
+    ratio, paired, spread = round_ratios(servers[name].rps, servers[base].rps)
+    return ratio, paired, f"  {name + '/' + base:<22} {ratio:5.2f}   ({spread})"
 
 
 def cpu_ratio(name: str, servers: dict[str, Server], base: str = "bare") -> tuple[float, float, str]:
@@ -514,10 +411,8 @@ def cpu_ratio(name: str, servers: dict[str, Server], base: str = "bare") -> tupl
     num, den = servers[name], servers[base]
     if not num.cpu_us or not den.cpu_us or len(num.cpu_us) != len(den.cpu_us):
         return float("nan"), float("nan"), f"  {base + '/' + name:<22}   n/a"
-    ratio = median(den.cpu_us) / median(num.cpu_us)
-    per_round = [b / a for a, b in zip(num.cpu_us, den.cpu_us, strict=True)]
-    spread = f"per round: median {median(per_round):.2f}, {min(per_round):.2f}..{max(per_round):.2f}"
-    return ratio, median(per_round), f"  {base + '/' + name:<22} {ratio:5.2f}   ({spread})"
+    ratio, paired, spread = round_ratios(den.cpu_us, num.cpu_us)
+    return ratio, paired, f"  {base + '/' + name:<22} {ratio:5.2f}   ({spread})"
 
 
 def report(servers: list[Server], tool: str, duration: int, rounds: int, elapsed: float, noisy: int) -> None:
@@ -539,17 +434,8 @@ def report(servers: list[Server], tool: str, duration: int, rounds: int, elapsed
             f"{median(s.p99_ms):>7.2f} {cpu} {busy}"
         )
     print("(CPU us/req and CPU busy: the server process's own CPU time; busy ~100% = it was the bottleneck)")
-    other = [o for s in servers for o in s.other]
-    if other:
-        print(
-            f"other processes on the machine (and the hypervisor's steal) used {median(other):.2f} cores "
-            f"(median), {max(other):.2f} (max) while loading"
-        )
-    if noisy:
-        print(
-            f"WARNING: {noisy} of the {rounds} rounds kept (marked *) had more than {NOISY} of a core going "
-            "to other processes; requests/s and ratios are noisy -- rerun on a quiet machine"
-        )
+    who = "other processes on the machine (and the hypervisor's steal)"
+    print_noise([o for s in servers for o in s.other], rounds, noisy, who)
     print()
     print("ratios of requests/s against bare (median over median, same run):")
     for name in others:
@@ -637,9 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     if not wanted <= set(SERVERS):
         parser.error(f"--servers: unknown {', '.join(sorted(wanted - set(SERVERS)))}")
 
-    print(
-        f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}  {platform.node()}  {os.cpu_count()} CPUs"
-    )
+    print(machine_line())
     print(
         f"python {platform.python_version()}  aiohttp {aiohttp_version()}  sidecar source: {git_revision()}"
     )
@@ -665,7 +549,6 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp_name:
         tmp = Path(tmp_name)
         servers = [s for s in make_servers(tmp) if s.name in wanted]
-        kept = noisy_kept = attempt = 0
         try:
             for s in servers:
                 start(s, tmp, server_prefix)
@@ -675,27 +558,16 @@ def main(argv: list[str] | None = None) -> int:
             if args.warmup > 0:
                 for s in servers:
                     load(tool, s, args.warmup, tool_prefix)
-            while kept < args.rounds:
-                waited = wait_quiet(QUIET_WAIT)
-                if waited >= 1:
-                    print(f"  (waited {waited:.0f}s for other processes to quieten)", flush=True)
-                order = servers[attempt % len(servers) :] + servers[: attempt % len(servers)]
-                attempt += 1
-                measured = [(s, load(tool, s, args.duration, tool_prefix)) for s in order]
-                cells = ", ".join(f"{s.name} {m.result.rps:.0f}{'*' if m.noisy else ''}" for s, m in measured)
-                noisy = any(m.noisy for _, m in measured)
-                for s in servers:
-                    if s.proc is not None and s.proc.poll() is not None:
-                        raise RuntimeError(f"{s.name} died during the run\n{tail(s)}")
-                if noisy and retries > 0:
-                    retries -= 1
-                    print(f"  noisy, rerun:  {cells}", flush=True)
-                    continue
-                kept += 1
-                noisy_kept += noisy
-                for s, m in measured:
-                    record(s, m)
-                print(f"  round {kept}/{args.rounds}: {cells}", flush=True)
+            noisy_kept = interleaved_rounds(
+                servers,
+                args.rounds,
+                retries,
+                lambda s: load(tool, s, args.duration, tool_prefix),
+                lambda s: s.name,
+                record,
+                lambda: check_alive(servers, lines=20),
+                quiet_wait=QUIET_WAIT,
+            )
         except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1

@@ -56,17 +56,12 @@ FAIL); it is 1 only when a server cannot be started or the load generator fails.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
 import http.client
 import importlib.util
 import json
 import os
 import platform
-import re
 import shutil
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -79,34 +74,34 @@ from typing import Any
 
 import yaml
 from benchlib import (
+    CONNECTIONS,
+    HOST,
     ROOT,
-    children_cpu_seconds,
+    Measurement,
+    check_alive,
+    free_ports,
     git_revision,
-    machine_cpu_seconds,
+    interleaved_rounds,
+    machine_line,
+    measure,
+    median,
     pin_cpus,
-    process_cpu_seconds,
+    print_noise,
+    round_ratios,
+    run_wrk,
+    spawn,
+    stop_process,
+    tail_file,
 )
 
-HOST = "127.0.0.1"
-CONNECTIONS = 50
 TARGETS = {"read": 0.5, "write": 0.5}
 OPERATIONS = ("read", "write")
 SERVERS = ("openbao", "openbao-noaudit", "vault_like")
 OPENBAO = ("openbao", "openbao-noaudit")
 START_TIMEOUT = 120.0  # seconds for a server to be initialised, unsealed and answering 200
-NOISY = 0.15  # cores used by other processes during a measurement before its round is rerun
 STOP_TIMEOUT = 15.0
 READ_KEY, WRITE_KEY = "bench-read", "bench-write"
 WRITE_BODY = '{"data":{"value":"0123456789abcdef"}}'
-
-
-@dataclass
-class LoadResult:
-    rps: float
-    p99_ms: float
-    requests: int
-    non2xx: int
-    errors: str  # "" when every response was a 2xx and no socket errors were reported
 
 
 @dataclass
@@ -134,27 +129,7 @@ class Server:
         return f"{self.base}/v1/secret/data/{READ_KEY if op == 'read' else WRITE_KEY}"
 
 
-@dataclass
-class Measurement:
-    result: LoadResult
-    cpu_us: float | None
-    other: float | None
-
-    @property
-    def noisy(self) -> bool:
-        return self.other is not None and self.other > NOISY
-
-
 # ---------------------------------------------------------------------------- set-up
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct ports the kernel reports free on 127.0.0.1 (held open together, then released)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
-        for s in socks:
-            s.bind((HOST, 0))
-        return [int(s.getsockname()[1]) for s in socks]
 
 
 def bao_binary() -> Path:
@@ -209,24 +184,11 @@ def wait_for(server: Server, check: Callable[[], bool], what: str, timeout: floa
 
 
 def tail(server: Server, lines: int = 30) -> str:
-    try:
-        text = server.log_path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
+    return tail_file(server.log_path, lines)
 
 
-def spawn(server: Server, argv: list[str], cwd: Path, prefix: list[str], env: dict[str, str]) -> None:
-    with server.log_path.open("ab") as log:  # the child keeps its own descriptor
-        server.proc = subprocess.Popen(
-            [*prefix, *argv],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            cwd=cwd,
-            env=env,
-            start_new_session=True,
-        )
+def start(server: Server, argv: list[str], cwd: Path, prefix: list[str], env: dict[str, str]) -> None:
+    server.proc = spawn([*prefix, *argv], server.log_path, cwd, env)
 
 
 def clean_env(home: Path) -> dict[str, str]:
@@ -273,7 +235,7 @@ def start_openbao(tmp: Path, prefix: list[str], name: str, started: list[Server]
     server = Server(name, description, port, directory / "server.log")
     server.audit_path = audit_path if audit else None
     env = clean_env(directory)
-    spawn(server, [str(bao_binary()), "server", f"-config={config}"], directory, prefix, env)
+    start(server, [str(bao_binary()), "server", f"-config={config}"], directory, prefix, env)
     started.append(server)
     wait_for(server, lambda: health(server) is not None, "no answer on sys/health")
     cli_env = {**env, "VAULT_ADDR": server.base}
@@ -331,7 +293,7 @@ def start_vault_like(tmp: Path, prefix: list[str], started: list[Server]) -> Ser
         sys.executable, "-m", "sidecar", "dev", "--manifest", str(directory / "enclaver.yaml"),
         "--config", str(directory / "sidecar.yaml"), "--state-dir", str(state),
     ]  # fmt: skip
-    spawn(server, argv, directory, prefix, env)
+    start(server, argv, directory, prefix, env)
     started.append(server)
     token_file = state / "vault-root-token"
     wait_for(
@@ -367,69 +329,21 @@ def prepare(server: Server, tmp: Path) -> None:
 
 
 def stop(server: Server) -> None:
-    proc = server.proc
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=STOP_TIMEOUT)
+    stop_process(server.proc, STOP_TIMEOUT)
 
 
 # ---------------------------------------------------------------------------- load
 
 
-def _duration_ms(value: str, unit: str) -> float:
-    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
-
-
-def run_wrk(url: str, script: Path, duration: int, prefix: list[str]) -> LoadResult:
-    argv = [*prefix, "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{duration}s", "--latency", "-s", str(script), url]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"wrk exited {done.returncode}: {done.stderr or done.stdout}".strip())
-    out = done.stdout
-    rps = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M)
-    p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M)
-    total = re.search(r"^\s*(\d+) requests in ", out, re.M)
-    if rps is None or p99 is None or total is None:
-        raise RuntimeError(f"cannot parse wrk output:\n{out}")
-    non2xx = re.search(r"^\s*Non-2xx or 3xx responses:\s*(\d+)", out, re.M)
-    errors = [
-        m.group(0).strip()
-        for m in re.finditer(r"^\s*(Non-2xx or 3xx responses|Socket errors):.*$", out, re.M)
-    ]
-    return LoadResult(
-        float(rps.group(1)),
-        _duration_ms(p99.group(1), p99.group(2)),
-        int(total.group(1)),
-        int(non2xx.group(1)) if non2xx else 0,
-        "; ".join(errors),
-    )
-
-
 def load(server: Server, op: str, duration: int, prefix: list[str]) -> Measurement:
     """Load one server with one operation: requests/s and p99, and the CPU time spent around it."""
     assert server.proc is not None
-    pid = server.proc.pid
-    before, machine_before, tool_before = (
-        process_cpu_seconds(pid),
-        machine_cpu_seconds(),
-        children_cpu_seconds(),
+    m = measure(
+        server.proc.pid, duration, lambda: run_wrk(server.url(op), duration, prefix, server.scripts[op])
     )
-    result = run_wrk(server.url(op), server.scripts[op], duration, prefix)
-    after, machine_after, tool_after = process_cpu_seconds(pid), machine_cpu_seconds(), children_cpu_seconds()
     if op == "write":
-        server.acknowledged_writes += result.requests - result.non2xx
-    cpu_us = other = None
-    if before is not None and after is not None and result.requests:
-        cpu_us = (after - before) * 1e6 / result.requests
-        if machine_before is not None and machine_after is not None:
-            others = (machine_after - machine_before) - (after - before) - (tool_after - tool_before)
-            other = max(0.0, others) / duration
-    return Measurement(result, cpu_us, other)
+        server.acknowledged_writes += m.result.requests - m.result.non2xx
+    return m
 
 
 def record(server: Server, op: str, m: Measurement) -> None:
@@ -441,18 +355,6 @@ def record(server: Server, op: str, m: Measurement) -> None:
         server.other.append(m.other)
     if m.result.errors:
         server.errors.append(f"{op}: {m.result.errors}")
-
-
-def wait_quiet(limit: float) -> float:
-    """Wait (at most ``limit`` s) until the machine is quiet; the seconds waited."""
-    started = time.monotonic()
-    while time.monotonic() - started < limit:
-        before = machine_cpu_seconds()
-        time.sleep(1.0)
-        after = machine_cpu_seconds()
-        if before is None or after is None or after - before <= NOISY:
-            break
-    return time.monotonic() - started - 1.0
 
 
 def verify_writes(server: Server) -> str:
@@ -470,16 +372,10 @@ def verify_writes(server: Server) -> str:
 # ---------------------------------------------------------------------------- report
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
 def ratio(a: Server, b: Server, op: str) -> tuple[float, float, str]:
     """Requests/s of ``a`` over ``b`` for ``op``: ratio of medians, median per-round ratio, a line."""
-    value = median(a.rps[op]) / median(b.rps[op])
-    per_round = [x / y for x, y in zip(a.rps[op], b.rps[op], strict=True)]
-    spread = f"per round: median {median(per_round):.2f}, {min(per_round):.2f}..{max(per_round):.2f}"
-    return value, median(per_round), f"  {op:<6} {a.name}/{b.name} {value:5.2f}   ({spread})"
+    value, paired, spread = round_ratios(a.rps[op], b.rps[op])
+    return value, paired, f"  {op:<6} {a.name}/{b.name} {value:5.2f}   ({spread})"
 
 
 def report(servers: list[Server], duration: int, rounds: int, elapsed: float, noisy: int) -> None:
@@ -499,17 +395,7 @@ def report(servers: list[Server], duration: int, rounds: int, elapsed: float, no
                 f"{max(s.rps[op]):>8.0f} {median(s.p99_ms[op]):>8.2f} {cpu}"
             )
     print("(CPU us/req: the server's main process only, all its threads)")
-    other = [o for s in servers for o in s.other]
-    if other:
-        print(
-            f"other processes on the machine used {median(other):.2f} cores (median), {max(other):.2f} (max) "
-            "while loading"
-        )
-    if noisy:
-        print(
-            f"WARNING: {noisy} of the {rounds} rounds kept (marked *) had more than {NOISY} of a core going "
-            "to other processes; requests/s and ratios are noisy -- rerun on a quiet machine"
-        )
+    print_noise([o for s in servers for o in s.other], rounds, noisy)
     problems = [f"{s.name}: {e}" for s in servers for e in s.errors if e]
     if problems:
         print()
@@ -578,9 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--servers: choose from {', '.join(SERVERS)}")
     retries = args.rounds if args.retries is None else args.retries
 
-    print(
-        f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}  {platform.node()}  {os.cpu_count()} CPUs"
-    )
+    print(machine_line())
     print(f"python {platform.python_version()}  {bao_version()}  sidecar source: {git_revision()}")
     if shutil.which("wrk") is None:
         print("error: wrk is not installed (apt-get update && apt-get install -y wrk)", file=sys.stderr)
@@ -595,7 +479,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pinned: servers `{' '.join(server_prefix)}`, load generator `{' '.join(tool_prefix)}`")
     started = time.monotonic()
     servers: list[Server] = []
-    kept = noisy_kept = attempt = 0
     with tempfile.TemporaryDirectory(prefix="bench-vault-") as tmp_name:
         tmp = Path(tmp_name)
         try:
@@ -614,30 +497,16 @@ def main(argv: list[str] | None = None) -> int:
                     m = load(s, op, args.warmup, tool_prefix)
                     if m.result.errors:  # reported with the results, which are then suspect
                         s.errors.append(f"{op} (warm-up): {m.result.errors}")
-            while kept < args.rounds:
-                waited = wait_quiet(args.quiet_wait)
-                if waited >= 1:
-                    print(f"  (waited {waited:.0f}s for other processes to quieten)", flush=True)
-                shift = attempt % len(pairs)
-                order = pairs[shift:] + pairs[:shift]
-                attempt += 1
-                measured = [(s, op, load(s, op, args.duration, tool_prefix)) for s, op in order]
-                cells = ", ".join(
-                    f"{s.name} {op} {m.result.rps:.0f}{'*' if m.noisy else ''}" for s, op, m in measured
-                )
-                for s in servers:
-                    if s.proc is not None and s.proc.poll() is not None:
-                        raise RuntimeError(f"{s.name} died during the run\n{tail(s)}")
-                noisy = any(m.noisy for _, _, m in measured)
-                if noisy and retries > 0:
-                    retries -= 1
-                    print(f"  noisy, rerun:  {cells}", flush=True)
-                    continue
-                kept += 1
-                noisy_kept += noisy
-                for s, op, m in measured:
-                    record(s, op, m)
-                print(f"  round {kept}/{args.rounds}: {cells}", flush=True)
+            noisy_kept = interleaved_rounds(
+                pairs,
+                args.rounds,
+                retries,
+                lambda pair: load(pair[0], pair[1], args.duration, tool_prefix),
+                lambda pair: f"{pair[0].name} {pair[1]}",
+                lambda pair, m: record(pair[0], pair[1], m),
+                lambda: check_alive(servers),
+                quiet_wait=args.quiet_wait,
+            )
             for s in servers:
                 problem = verify_writes(s)
                 if problem:

@@ -11,7 +11,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
+
+T = TypeVar("T")
 
 
 class ServiceNotConfigured(RuntimeError):
@@ -63,6 +65,17 @@ class PluginContext:
 
     def __post_init__(self) -> None:
         self.log = logging.getLogger(f"plugins.{self.name}")
+
+    def state(self, factory: Callable[[PluginContext], T]) -> T:
+        """The plugin's one state object: ``factory(context)`` on first use, the same object after.
+
+        Kept with the sidecar's services, so every hook of this plugin shares it, even one given
+        another context object (the test harness makes them per call). One per plugin name.
+        """
+        key = f"plugins.{self.name}.state"
+        if key not in self.services.extra:
+            self.services.extra[key] = factory(self)
+        return cast(T, self.services.extra[key])
 
     @property
     def kms(self) -> Any:

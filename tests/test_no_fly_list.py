@@ -124,7 +124,7 @@ class NoFly:
 
     @property
     def service(self) -> NoFlyService:
-        found = self.sc.runtime.services.extra["plugins.no_fly_list.service"]
+        found = self.sc.runtime.services.extra["plugins.no_fly_list.state"]  # PluginContext.state's key
         assert isinstance(found, NoFlyService)
         return found
 

@@ -354,3 +354,24 @@ async def test_services_not_configured_are_clear(sidecar_factory: Any) -> None:
         await context.attest(nonce=b"x")
     with pytest.raises(ServiceNotConfigured, match="egress HTTP session"):
         _ = context.http
+
+
+def test_plugin_state_is_made_once_and_kept_per_plugin(tmp_path: Path) -> None:
+    # Why: hooks of one plugin may be handed different context objects (the harness makes them
+    # per call); a second state object would mean a second list, a second store, two writers.
+    from sidecar.context import Services
+
+    services = Services()
+    made: list[str] = []
+
+    def factory(context: PluginContext) -> dict[str, str]:
+        made.append(context.name)
+        return {"owner": context.name}
+
+    first = PluginContext(name="a", config={}, listen_port=None, state_dir=tmp_path, services=services)
+    again = PluginContext(name="a", config={}, listen_port=None, state_dir=tmp_path, services=services)
+    other = PluginContext(name="b", config={}, listen_port=None, state_dir=tmp_path, services=services)
+    assert first.state(factory) is again.state(factory)
+    assert other.state(factory) == {"owner": "b"}
+    assert other.state(factory) is not first.state(factory)
+    assert made == ["a", "b"]

@@ -21,9 +21,6 @@ import json
 import os
 import shutil
 import stat
-import subprocess
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,16 +31,20 @@ import pytest
 
 import plugins.vault_like as vault_like
 from plugins.vault_like.devworld import KEY_FILE, prepare_dev_world
-from sidecar.attestation.emulator import DevPki, NsmEmulator
-from sidecar.aws.clients import ClientFactory
-from sidecar.aws.imds import ImdsClient, botocore_session
-from sidecar.aws.kms import AttestedKms
+from sidecar.attestation.emulator import DevPki
 from sidecar.context import PluginContext, Services
 from sidecar.devworld.world import DevWorld
-from sidecar.recipient import RecipientKey
 from sidecar.testing import SidecarHarness, run_sidecar
 from tests.conftest import ROOT, install_plugin_dist
-from tests.test_no_fly_devworld import OPERATOR, DevSidecar, start
+from tests.devworld_support import (
+    OPERATOR,
+    DevSidecar,
+    attested_kms,
+    running_world,
+    start,
+    stop_all,
+    wait_settled,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -57,29 +58,8 @@ OTHER_PCR0 = hashlib.sha384(b"another enclave image").digest()
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DevWorld, DevPki]]:
     """An in-process dev world whose servers run on a loop in a background thread."""
-    pki = DevPki.load_or_create(tmp_path_factory.mktemp("pki"))
-    world = DevWorld(dev_root=pki.root, pcr0=PCR0)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    asyncio.run_coroutine_threadsafe(world.start(), loop).result(60)
-    try:
-        yield world, pki
-    finally:
-        asyncio.run_coroutine_threadsafe(world.stop(), loop).result(60)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
-
-
-def attested_kms(world: DevWorld, pki: DevPki, pcr0: bytes) -> AttestedKms:
-    """KMS as an enclave measuring ``pcr0`` reaches it: IMDS credentials, attested, via the front."""
-    factory = ClientFactory(
-        botocore_session(ImdsClient(world.imds_url)), world.region, endpoints=world.endpoints
-    )
-    return AttestedKms(
-        factory.client("kms"), NsmEmulator(pki, pcrs={0: pcr0}).attestation, RecipientKey.generate()
-    )
+    with running_world(tmp_path_factory.mktemp("pki"), PCR0) as dev_world:
+        yield dev_world
 
 
 def context_for(state: Path, key_id: str) -> PluginContext:
@@ -226,39 +206,6 @@ def settings(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     }
 
 
-def wait_vault(sidecar: DevSidecar, timeout: float = 120) -> dict[str, Any]:
-    """Poll /enclave/ready until vault_like has started (unsealed, or sealed for a reason)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if sidecar.proc.poll() is not None:
-            raise AssertionError(
-                f"{sidecar.name}: sidecar dev exited {sidecar.proc.returncode}\n{sidecar.log()}"
-            )
-        try:
-            reply = sidecar.request("GET", "/enclave/ready")
-        except OSError:
-            time.sleep(0.2)
-            continue
-        answer: dict[str, Any] = reply.json()
-        status = answer.get("plugins", {}).get("vault_like", "ready")
-        if reply.status == 200 or status not in ("pending", "starting"):
-            return {"status": reply.status, **answer}
-        time.sleep(0.2)
-    raise AssertionError(f"{sidecar.name}: vault_like never settled\n{sidecar.log()[-4000:]}")
-
-
-def stop_all(sidecars: list[DevSidecar]) -> None:
-    for sidecar in sidecars:
-        if sidecar.proc.poll() is None:
-            sidecar.proc.terminate()
-    for sidecar in sidecars:
-        try:
-            sidecar.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            sidecar.proc.kill()
-            sidecar.proc.wait()
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """The first run (used, then stopped), then the two restarts from copies of its state."""
@@ -276,7 +223,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         first_dir = tmp_path_factory.mktemp("vault-first")
         first = start("first", first_dir, settings(), env)
         started.append(first)
-        result["first_ready"] = wait_vault(first)
+        result["first_ready"] = wait_settled(first, "vault_like")
         state = first_dir / "state"
         token_file = state / "vault-root-token"
         result["token_mode"] = stat.S_IMODE(token_file.stat().st_mode)
@@ -309,7 +256,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             started.append(sidecar)
             result[name] = sidecar
         for name in ("restart", "other_pcr0"):
-            result[f"{name}_ready"] = wait_vault(result[name])
+            result[f"{name}_ready"] = wait_settled(result[name], "vault_like")
         yield result
     finally:
         stop_all(started)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,11 +14,10 @@ from plugins.vault_like.barrier import Barrier, BarrierError
 from plugins.vault_like.seal import ENCRYPTION_CONTEXT, UnsealError, init_root_key, unseal_root_key
 from plugins.vault_like.storage import MemoryStorage
 from sidecar.attestation.emulator import DevPki, NsmEmulator
-from sidecar.aws.clients import ClientFactory
-from sidecar.aws.imds import ImdsClient, botocore_session
 from sidecar.aws.kms import AttestedKms
 from sidecar.devworld.world import DevWorld
 from sidecar.recipient import RecipientKey
+from tests.devworld_support import attested_kms, running_world
 
 pytestmark = pytest.mark.slow
 
@@ -30,29 +27,9 @@ OTHER_PCR0 = hashlib.sha384(b"another enclave image").digest()
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DevWorld, DevPki]]:
     """An in-process dev world whose servers run on a loop in a background thread."""
-    pki = DevPki.load_or_create(tmp_path_factory.mktemp("pki"))
-    world = DevWorld(dev_root=pki.root, pcr0=hashlib.sha384(b"vault-like measured enclave").digest())
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    asyncio.run_coroutine_threadsafe(world.start(), loop).result(60)
-    try:
-        yield world, pki
-    finally:
-        asyncio.run_coroutine_threadsafe(world.stop(), loop).result(60)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
-
-
-def attested_kms(world: DevWorld, pki: DevPki, pcr0: bytes) -> AttestedKms:
-    """KMS as an enclave measuring ``pcr0`` reaches it: IMDS credentials, attested, via the front."""
-    factory = ClientFactory(
-        botocore_session(ImdsClient(world.imds_url)), world.region, endpoints=world.endpoints
-    )
-    return AttestedKms(
-        factory.client("kms"), NsmEmulator(pki, pcrs={0: pcr0}).attestation, RecipientKey.generate()
-    )
+    pcr0 = hashlib.sha384(b"vault-like measured enclave").digest()
+    with running_world(tmp_path_factory.mktemp("pki"), pcr0) as dev_world:
+        yield dev_world
 
 
 async def test_init_then_unseal_round_trip(world: tuple[DevWorld, DevPki]) -> None:

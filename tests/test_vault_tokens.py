@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vault_auth_support import FakeJsonStore, bao_call, bao_dev_server
+from vault_auth_support import bao_call, bao_dev_server
+from vault_fakes import FakeJsonStore
 
 from plugins.vault_like.logical import LogicalRequest, LogicalResponse, Operation, VaultError
 from plugins.vault_like.tokens import (
@@ -68,7 +69,7 @@ class Clock:
 
 class World:
     def __init__(self) -> None:
-        self.raw = FakeJsonStore()
+        self.raw = FakeJsonStore(yield_always=True)
         self.clock = Clock()
         self.policies = PolicyStore(self.raw.view("policy/"), clock=self.clock)
         self.tokens = TokenStore(self.raw.view("token/"), self.policies, clock=self.clock)

@@ -72,7 +72,7 @@ class Vault:
 
     @property
     def service(self) -> VaultService:
-        found = self.harness.runtime.services.extra["plugins.vault_like.service"]
+        found = self.harness.runtime.services.extra["plugins.vault_like.state"]  # PluginContext.state's key
         assert isinstance(found, VaultService)
         return found
 

@@ -19,8 +19,6 @@ from plugins.no_fly_list.source import check_location
 from sidecar import Listener, PluginContext, Route, hookimpl
 from sidecar.schema import Bool, Float, Int, Map, Str
 
-SERVICE_KEY = "plugins.{name}.service"
-
 
 @hookimpl
 def register_config_schema() -> Map:
@@ -51,12 +49,7 @@ def register_config_schema() -> Map:
 
 def service_of(context: PluginContext) -> NoFlyService:
     """The plugin's state for this sidecar (made on first use, kept with the sidecar's services)."""
-    key = SERVICE_KEY.format(name=context.name)
-    found = context.services.extra.get(key)
-    if found is None:
-        found = context.services.extra[key] = NoFlyService(context)
-    assert isinstance(found, NoFlyService)
-    return found
+    return context.state(NoFlyService)
 
 
 @hookimpl

@@ -22,8 +22,6 @@ from plugins.vault_like.service import VaultService
 from sidecar import Listener, PluginContext, Route, hookimpl
 from sidecar.schema import Bool, Int, Map, Str
 
-SERVICE_KEY = "plugins.{name}.service"
-
 
 @hookimpl
 def register_config_schema() -> Map:
@@ -57,12 +55,7 @@ def register_config_schema() -> Map:
 
 def service_of(context: PluginContext) -> VaultService:
     """The plugin's state for this sidecar (made on first use, kept with the sidecar's services)."""
-    key = SERVICE_KEY.format(name=context.name)
-    found = context.services.extra.get(key)
-    if found is None:
-        found = context.services.extra[key] = VaultService(context)
-    assert isinstance(found, VaultService)
-    return found
+    return context.state(VaultService)
 
 
 @hookimpl

@@ -603,22 +603,30 @@ class KvV2:
             return await self._data_delete(key)
         raise VaultError(405, _UNSUPPORTED)
 
-    async def _data_read(self, key: str, request: LogicalRequest) -> LogicalResponse:
-        meta = await self._read(_meta_path(key)) if key else None
-        if meta is None:
-            raise VaultError(404)
-        wanted = _as_int("version", _param(request, "version"))
+    async def _live_version(self, key: str, meta: Doc, wanted: int, gone: Doc) -> tuple[Doc, Doc]:
+        """Version ``wanted`` (0: the current one) of ``key`` and its metadata, read for an answer.
+
+        Missing: 404. Deleted or destroyed: Vault answers 404 *with* the version's metadata, plus
+        ``gone`` (hvac raise_on_deleted_version=False reads it).
+        """
         number = wanted if wanted > 0 else meta["current"]
         vm = meta["versions"].get(str(number))
         if vm is None:
             raise VaultError(404)
         metadata = _version_metadata(number, vm, meta["custom"])
         if vm["x"] or _is_deleted(vm, time.time_ns()):
-            # Vault answers 404 *with* the version's metadata (hvac raise_on_deleted_version=False).
-            raise VaultError(404, data={"data": None, "metadata": metadata})
+            raise VaultError(404, data={**gone, "metadata": metadata})
         version = await self._read(_version_path(key, vm["id"]))
         if version is None:
             raise VaultError(500, "could not find version data")
+        return version, metadata
+
+    async def _data_read(self, key: str, request: LogicalRequest) -> LogicalResponse:
+        meta = await self._read(_meta_path(key)) if key else None
+        if meta is None:
+            raise VaultError(404)
+        wanted = _as_int("version", _param(request, "version"))
+        version, metadata = await self._live_version(key, meta, wanted, {"data": None})
         return LogicalResponse(data={"data": version["data"], "metadata": metadata})
 
     async def _data_write(self, key: str, request: LogicalRequest) -> LogicalResponse:
@@ -997,16 +1005,7 @@ class KvV2:
         meta = await self._read(_meta_path(key)) if key else None
         if meta is None:
             raise VaultError(404)
-        number = wanted if wanted > 0 else meta["current"]
-        vm = meta["versions"].get(str(number))
-        if vm is None:
-            raise VaultError(404)
-        metadata = _version_metadata(number, vm, meta["custom"])
-        if vm["x"] or _is_deleted(vm, time.time_ns()):
-            raise VaultError(404, data={"metadata": metadata, "subkeys": None})
-        version = await self._read(_version_path(key, vm["id"]))
-        if version is None:
-            raise VaultError(500, "could not find version data")
+        version, metadata = await self._live_version(key, meta, wanted, {"subkeys": None})
         try:
             tree = subkeys(version["data"] or {}, depth)
         except RecursionError:
