@@ -517,3 +517,85 @@ async def test_policies_both_apis_hcl_and_json(vault: Vault) -> None:
     await asyncio.to_thread(client.sys.create_or_update_policy, name="hv", policy=hcl)
     assert await asyncio.to_thread(client.sys.read_policy, name="hv")
     assert "hv" in (await asyncio.to_thread(client.sys.list_policies))["data"]["policies"]
+
+
+# =========================================================================== a client's bad input
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "raw"),
+    [
+        # Durations and integers Python cannot or will not convert (OverflowError, ValueError).
+        ("POST", "auth/token/create", b'{"ttl": 1' + b"0" * 400 + b"}"),
+        ("POST", "auth/token/create", b'{"ttl": "' + b"1" * 5000 + b'"}'),
+        ("POST", "auth/token/create", b'{"explicit_max_ttl": "' + b"9" * 400 + b's"}'),
+        ("POST", "sys/mounts/huge", '{"type": "kv-v2", "config": {"default_lease_ttl": "\u00b2"}}'.encode()),
+        (
+            "POST",
+            "sys/mounts/huge",
+            b'{"type": "kv-v2", "config": {"max_lease_ttl": "' + b"9" * 400 + b's"}}',
+        ),
+        ("POST", "sys/mounts/secret/tune", b'{"max_lease_ttl": "' + b"9" * 400 + b's"}'),
+        ("POST", "secret/data/big", b'{"options": {"cas": "' + b"1" * 5000 + b'"}, "data": {"a": 1}}'),
+        ("POST", "secret/delete/big", b'{"versions": "' + b"1" * 5000 + b'"}'),
+        ("POST", "secret/metadata/big", b'{"max_versions": "' + b"1" * 5000 + b'"}'),
+        # A policy or a body nested deeper than the code that walks it can go.
+        ("PUT", "sys/policy/deep", json.dumps({"policy": '{"a":' * 5_000 + "1" + "}" * 5_000}).encode()),
+        ("POST", "secret/data/deep", b'{"data": ' + b'{"a": ' * 500 + b"1" + b"}" * 500 + b"}"),
+    ],
+)
+async def test_malformed_input_is_a_400_not_a_500(vault: Vault, method: str, path: str, raw: bytes) -> None:
+    # Threat: a client turning its own mistake into a 500 and an internal-error log line per request.
+    status, body, _ = await vault.call(method, path, raw=raw)
+    assert status == 400, body
+    assert body["errors"] and "Traceback" not in json.dumps(body)
+
+
+async def test_a_big_version_query_is_a_400(vault: Vault) -> None:
+    await vault.call("POST", "secret/data/q", {"data": {"a": 1}})
+    status, _, _ = await vault.call("GET", "secret/data/q?version=" + "1" * 5000)
+    assert status == 400
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "auth/token/lookup-accessor", {"accessor": "\ud800"}),
+        ("POST", "auth/token/revoke-accessor", {"accessor": "\udfff"}),
+        ("POST", "auth/token/create", {"policies": ["\ud800"]}),
+        ("POST", "secret/metadata/lone", {"custom_metadata": {"\ud800": "x", "k": "\udc00"}}),
+        ("POST", "secret/data/lone", {"data": {"\ud800": "\udfff"}}),
+    ],
+)
+async def test_lone_surrogates_are_replaced_as_go_does(
+    vault: Vault, method: str, path: str, body: Any
+) -> None:
+    # Python's json keeps "\ud800" as a code point that cannot be encoded: a storage key or a log
+    # line built from it would raise. Go's encoding/json (Vault) reads it as U+FFFD; so do we.
+    raw = json.dumps(body).encode()  # ensure_ascii: the surrogates travel as escapes
+    status, answer, _ = await vault.call(method, path, raw=raw)
+    assert status < 500, answer
+
+
+async def test_lone_surrogates_read_back_as_the_replacement_character(vault: Vault) -> None:
+    raw = json.dumps({"data": {"k\ud800": "v\udfff", "pair": "\U0001f600"}}).encode()
+    status, _, _ = await vault.call("POST", "secret/data/fffd", raw=raw)
+    assert status == 200
+    _, body, _ = await vault.call("GET", "secret/data/fffd")
+    assert body["data"]["data"] == {"k\ufffd": "v\ufffd", "pair": "\U0001f600"}
+
+
+async def test_the_audit_hasher_keeps_no_plaintext_token_or_secret(vault: Vault) -> None:
+    # Threat: a memory dump (or a later bug that prints the cache) yielding live tokens and secrets;
+    # tokens are stored only as SHA-256, so the audit log must not keep them either.
+    status, created, _ = await vault.call("POST", "auth/token/create", {"policies": ["default"]})
+    assert status == 200
+    child = created["auth"]["client_token"]
+    await vault.call("GET", "auth/token/lookup-self", token=child)
+    await vault.call("POST", "secret/data/cache", {"data": {"password": "hunter2-cache"}})
+    await vault.call("GET", "secret/data/cache")
+    audit = vault.service.audit
+    assert audit is not None and audit.hasher is not None
+    cached = set(audit.hasher._cache)
+    assert child not in cached and vault.token not in cached
+    assert "hunter2-cache" not in cached

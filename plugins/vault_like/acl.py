@@ -273,6 +273,8 @@ def parse_policy(name: str, text: str) -> Policy:
             doc = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
         except PolicyError:
             raise
+        except RecursionError:  # a policy nested thousands of levels deep
+            raise PolicyError("invalid JSON: nested too deeply") from None
         except ValueError as e:
             raise PolicyError(
                 f"invalid JSON at line {getattr(e, 'lineno', '?')}: {getattr(e, 'msg', e)}"

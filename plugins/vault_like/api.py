@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 import traceback
 from collections.abc import Iterator, Mapping
@@ -105,7 +106,7 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise VaultError(400, "failed to decode JSON input: the body is not valid UTF-8") from None
     try:
-        doc = json.loads(text, parse_constant=_reject_constant)
+        doc: Any = json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
         raise VaultError(400, "failed to decode JSON input: nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError's text names a position, never the input
@@ -114,7 +115,58 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         raise VaultError(400, f"failed to decode JSON input: {reason}{where}") from None
     if not isinstance(doc, dict):
         raise VaultError(400, "failed to decode JSON input: the body must be a JSON object")
+    if len(raw) > 2 * MAX_JSON_DEPTH and _deeper_than(doc, MAX_JSON_DEPTH):  # shorter cannot be
+        raise VaultError(400, f"failed to decode JSON input: nested deeper than {MAX_JSON_DEPTH} levels")
+    if _SURROGATE_ESCAPE.search(text):
+        return _without_lone_surrogates(doc)
     return doc
+
+
+# Deeper documents would exhaust Python's stack in the code that walks them (audit hashing,
+# storage encoding, merge patches): refused up front with a clear error.
+MAX_JSON_DEPTH: Final = 100
+_SURROGATE_ESCAPE: Final = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+
+
+def _deeper_than(doc: Any, limit: int) -> bool:
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _without_lone_surrogates(doc: dict[str, Any]) -> dict[str, Any]:
+    """Lone surrogate escapes (``"\\ud800"``) become U+FFFD, as Go's encoding/json makes them.
+
+    Python keeps them as code points that cannot be encoded to UTF-8, so a storage key or a log
+    line built from one would fail; a paired escape is already one character and is untouched.
+    """
+
+    def fix(text: str) -> str:
+        return _SURROGATE.sub("\ufffd", text)
+
+    root: list[Any] = [doc]
+    stack: list[tuple[Any, Any]] = [(root, 0)]
+    while stack:
+        container, slot = stack.pop()
+        value = container[slot]
+        if isinstance(value, str):
+            container[slot] = fix(value)
+        elif isinstance(value, list):
+            stack.extend((value, index) for index in range(len(value)))
+        elif isinstance(value, dict):
+            if any(_SURROGATE.search(key) for key in value):
+                value = container[slot] = {fix(key): item for key, item in value.items()}
+            stack.extend((value, key) for key in value)
+    result: dict[str, Any] = root[0]
+    return result
 
 
 def query_data(query: Mapping[str, str], multi: Any) -> dict[str, Any]:
@@ -201,6 +253,10 @@ class VaultApi:
             raise unsupported_operation()
         if operation == "list" and not path.endswith("/"):
             path += "/"  # as Vault: a list is of a directory, and the ACL sees it so
+        elif path.endswith("/") and operation in ("update", "patch"):
+            # As Vault, for every path. A backend that trimmed the slash would serve a path the
+            # ACL never judged: `deny` on auth/token/create must hold for auth/token/create/ too.
+            raise VaultError(400, "cannot write to a path ending in '/'")
         if operation in ("update", "patch"):
             data = parse_body(await request.read())
         else:

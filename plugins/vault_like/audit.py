@@ -87,9 +87,13 @@ class Hasher:
         return digest
 
     def structure(self, value: Any) -> Any:
-        """A copy of ``value`` with every string (at any depth; not keys) hashed."""
+        """A copy of ``value`` with every string (at any depth; not keys) hashed.
+
+        Never cached: request and response data hold secrets and tokens, and a cache keyed by the
+        plaintext would keep them in memory after they are deleted or revoked.
+        """
         if isinstance(value, str):
-            return self.hash(value)
+            return self.digest(value)
         if isinstance(value, Mapping):
             return {k: self.structure(v) for k, v in value.items()}
         if isinstance(value, list | tuple):
@@ -297,9 +301,10 @@ class AuditLog:
             # As Vault's HashAuth: the token and its accessor are hashed; policies, TTLs and
             # metadata stay readable (they are what an auditor reads the log for).
             hashed = dict(response_auth)
-            for key in ("client_token", "accessor"):
-                if isinstance(hashed.get(key), str) and hashed[key]:
-                    hashed[key] = self.hasher.hash(hashed[key])
+            if isinstance(hashed.get("client_token"), str) and hashed["client_token"]:
+                hashed["client_token"] = self.hasher.digest(hashed["client_token"])  # never cached
+            if isinstance(hashed.get("accessor"), str) and hashed["accessor"]:
+                hashed["accessor"] = self.hasher.hash(hashed["accessor"])
             response["auth"] = hashed
         if warnings:
             response["warnings"] = list(warnings)

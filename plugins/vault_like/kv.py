@@ -147,7 +147,7 @@ _DURATION_UNITS = {
 }
 _DURATION_PART = re.compile(r"([0-9]*)(?:\.([0-9]*))?")
 _DURATION_UNIT = re.compile(r"[^0-9.]*")
-_INTEGER = re.compile(r"[+-]?[0-9]+")
+_INTEGER = re.compile(r"[+-]?[0-9]{1,19}")  # int64 has 19 digits; longer is out of range
 _INT64_MAX: Final = 2**63 - 1
 
 

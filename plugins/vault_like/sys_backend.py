@@ -25,7 +25,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
-from plugins.vault_like.logical import Backend, LogicalRequest, LogicalResponse, VaultError
+from plugins.vault_like.logical import (
+    Backend,
+    LogicalRequest,
+    LogicalResponse,
+    VaultError,
+    permission_denied,
+)
 
 if TYPE_CHECKING:
     from plugins.vault_like.barrier import Barrier, JsonStore
@@ -67,11 +73,26 @@ def is_legacy(sys_path: str) -> bool:
 # --------------------------------------------------------------------------- durations
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h|d)")
+_DIGITS = re.compile(r"[0-9]+")
 _UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_duration(value: Any, name: str) -> int:
     """Seconds from an integer, a numeric string or a Go duration ("1h30m", "768h")."""
+    try:
+        seconds = _parse_duration(value, name)
+    except (OverflowError, ValueError):  # 10**400, "9" * 5000: a client's mistake, not a crash
+        raise VaultError(400, f"invalid value for {name!r}: out of range") from None
+    if seconds > _MAX_SECONDS:
+        raise VaultError(400, f"invalid value for {name!r}: out of range")
+    return seconds
+
+
+# Go's time.Duration holds at most 2**63-1 ns (about 292 years); Vault cannot store more either.
+_MAX_SECONDS: Final = (2**63 - 1) // 1_000_000_000
+
+
+def _parse_duration(value: Any, name: str) -> int:
     if isinstance(value, bool):
         raise VaultError(400, f"invalid value for {name!r}: expected a duration")
     if isinstance(value, int):
@@ -80,7 +101,7 @@ def parse_duration(value: Any, name: str) -> int:
         seconds = int(value)
     elif isinstance(value, str):
         text = value.strip()
-        if text.isdigit():
+        if _DIGITS.fullmatch(text):  # not str.isdigit(): that accepts "²", which int() refuses
             seconds = int(text)
         else:
             pos, total = 0, 0.0
@@ -581,11 +602,18 @@ class SysBackend:
     async def _policy(self, name: str, request: LogicalRequest, legacy: bool) -> LogicalResponse:
         from plugins.vault_like.acl import PolicyError
 
-        name = name.strip().lower()  # Vault keeps policy names in lower case
+        given, name = name, name.strip().lower()  # Vault keeps policy names in lower case
         if not name or "/" in name:
             raise VaultError(400, "policy name must be given and cannot contain '/'")
         policies = self.core.policies
         op = request.operation
+        if name != given:
+            # The ACL judged the path as sent (sys/policy/ADMIN); the write lands on "admin". Judge
+            # that path too, or a `deny` on sys/policy/admin would not hold (as OpenBao: 403).
+            acl = await self.core.acl_for(request.token)
+            prefix = "sys/policy/" if legacy else "sys/policies/acl/"
+            if not acl.allowed(prefix + name, op):
+                raise permission_denied()
         field_name = "rules" if legacy else "policy"
         if op == "read":
             policy = await policies.get(name)

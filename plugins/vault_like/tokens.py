@@ -102,6 +102,13 @@ _GO_PART: Final = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 
 def parse_duration(value: Any, field_name: str) -> int:
     """Vault's ParseDurationSecond: seconds as a number or digit string, ``Nd``, or a Go duration."""
+    try:
+        return _parse_duration(value, field_name)
+    except (OverflowError, ValueError):  # 10**400, "9" * 5000: a client's mistake, not a crash
+        raise VaultError(400, f'invalid value for "{field_name}": out of range') from None
+
+
+def _parse_duration(value: Any, field_name: str) -> int:
     if value is None:
         return 0
     if isinstance(value, bool):
@@ -536,7 +543,7 @@ class TokenStore:
     # -- the HTTP API --------------------------------------------------------------------------
 
     async def handle(self, request: LogicalRequest) -> LogicalResponse:
-        path = request.path.strip("/")
+        path = request.path  # as checked by the ACL: "lookup-self/" is not "lookup-self"
         allowed = _ROUTES.get(path)
         if allowed is None:
             raise _unsupported_path()

@@ -326,3 +326,55 @@ def test_capabilities_self_of_root(server: VaultServer, client: hvac.Client) -> 
         "capabilities": ["root"],
         "secret/data/y": ["root"],
     }
+
+
+# ------------------------------------------------------------- paths the ACL must judge as served
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["auth/token/create/", "sys/policies/acl/x/", "secret/data/x/", "sys/mounts/x/", "sys/audit-hash/file/"],
+)
+def test_a_write_to_a_path_ending_in_a_slash_is_refused(server: VaultServer, path: str) -> None:
+    # Threat: a backend that trims the slash serves auth/token/create while the ACL judged
+    # auth/token/create/, so `deny` on the exact path would not hold (a token minting tokens).
+    assert errors(server.request("POST", path, {"policy": "", "data": {}}), 400) == [
+        "cannot write to a path ending in '/'"
+    ]
+
+
+def test_an_exact_deny_holds_against_a_trailing_slash(server: VaultServer, name: str) -> None:
+    put_policy(
+        server,
+        name,
+        'path "auth/token/*" { capabilities = ["create", "read", "update", "delete", "list"] }\n'
+        'path "auth/token/create" { capabilities = ["deny"] }\n'
+        'path "auth/token/lookup-self" { capabilities = ["deny"] }\n',
+    )
+    token = str(new_token(server, policies=[name], no_parent=True)["client_token"])
+    denied(server.request("POST", "auth/token/create", {}, token=token))
+    assert server.request("POST", "auth/token/create/", {}, token=token).status_code == 400
+    denied(server.request("GET", "auth/token/lookup-self", token=token))
+    assert server.request("GET", "auth/token/lookup-self/", token=token).status_code == 404
+
+
+@pytest.mark.parametrize("spelling", ["{name}-ADMIN", "{name}-admin%20"])
+def test_a_deny_on_a_policy_holds_for_other_spellings_of_its_name(
+    server: VaultServer, name: str, spelling: str
+) -> None:
+    # Threat: policy names are stored lower-cased and trimmed; a token allowed sys/policies/acl/*
+    # but denied one policy must not overwrite it by spelling its name differently (privilege
+    # escalation: the policy it rewrites may be its own).
+    target = f"{name}-admin"
+    put_policy(server, target, read_policy(name))
+    put_policy(
+        server,
+        name,
+        'path "sys/policies/acl/*" { capabilities = ["create", "read", "update", "delete"] }\n'
+        f'path "sys/policies/acl/{target}" {{ capabilities = ["deny"] }}\n',
+    )
+    token = str(new_token(server, policies=[name], no_parent=True)["client_token"])
+    evil = 'path "*" { capabilities = ["create", "read", "update", "delete", "list", "sudo"] }'
+    path = "sys/policies/acl/" + spelling.format(name=name)
+    denied(server.request("PUT", path, {"policy": evil}, token=token))
+    assert data_of(server.request("GET", f"sys/policies/acl/{target}"))["policy"] == read_policy(name)
