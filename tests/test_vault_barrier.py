@@ -4,6 +4,7 @@ indexes, caching, and two replicas over one S3 bucket (moto's real server)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import random
@@ -17,7 +18,16 @@ import pytest
 
 from plugins.vault_like.barrier import Barrier, BarrierError, Doc, JsonStore, SealedError
 from plugins.vault_like.logical import VaultError
-from plugins.vault_like.storage import ANY, Conflict, Entry, MemoryStorage, S3Storage, SqliteStorage, _Any
+from plugins.vault_like.storage import (
+    ANY,
+    Conflict,
+    Entry,
+    MemoryStorage,
+    S3Storage,
+    SqliteStorage,
+    StorageError,
+    _Any,
+)
 
 ROOT_KEY = bytes(range(32))
 SEAL = {"type": "awskms", "key_id": "test", "ciphertext": "eA==", "encryption_context": {}}
@@ -129,13 +139,54 @@ async def test_wrong_root_key_does_not_unseal() -> None:
 
 
 async def test_tampered_keyring_does_not_unseal() -> None:
+    # Before the first rotation the keyring lives in core/seal; after it, in core/keyring.
     storage = MemoryStorage()
     await open_barrier(storage)
+    seal = await storage.get("core/seal")
+    assert seal is not None
+    doc = json.loads(seal.value)
+    blob = base64.b64decode(doc["keyring"])
+    doc["keyring"] = base64.b64encode(blob[:-1] + bytes([blob[-1] ^ 1])).decode()
+    await storage.put("core/seal", json.dumps(doc).encode())
+    with pytest.raises(BarrierError, match="does not open the keyring"):
+        await Barrier(storage).unseal(ROOT_KEY)
+
+    storage = MemoryStorage()
+    await (await open_barrier(storage)).rotate()
     entry = await storage.get("core/keyring")
     assert entry is not None
     await storage.put("core/keyring", entry.value[:-1] + bytes([entry.value[-1] ^ 1]))
-    with pytest.raises(BarrierError):
+    with pytest.raises(BarrierError, match="does not open the keyring"):
         await Barrier(storage).unseal(ROOT_KEY)
+
+
+@pytest.mark.parametrize("failing_write", [1, 2])
+async def test_a_crash_during_init_leaves_the_store_uninitialised_not_broken(failing_write: int) -> None:
+    # Threat (availability): init used to write core/seal, then core/keyring; a crash or a failed
+    # write between the two left a seal config with no keyring, which no init or unseal could fix.
+    # Now init is one create-only write: whichever write fails, it happened whole or not at all.
+    class FailingStorage(MemoryStorage):
+        writes = 0
+
+        async def put(self, key: str, value: bytes, expect: str | _Any | None = ANY) -> str:
+            self.writes += key.startswith("core/")  # init's writes
+            if key.startswith("core/") and self.writes == failing_write:
+                raise StorageError("disk I/O error")
+            return await super().put(key, value, expect)
+
+    storage = FailingStorage()
+    barrier = Barrier(storage)
+    try:
+        await barrier.initialize(ROOT_KEY, SEAL)
+    except StorageError:
+        assert not await barrier.initialized()
+        await barrier.initialize(ROOT_KEY, SEAL)
+    await barrier.put("secret/k", b"v1")
+    again = Barrier(storage)
+    assert await again.initialized()
+    await again.unseal(ROOT_KEY)
+    found = await again.get("secret/k")
+    assert found is not None and found.value == b"v1"
 
 
 # =========================================================================== tamper detection
@@ -511,4 +562,8 @@ def test_seal_config_is_plain_json_by_design() -> None:
     storage = MemoryStorage()
     asyncio.run(open_barrier(storage))
     raw = asyncio.run(storage.get("core/seal"))
-    assert raw is not None and json.loads(raw.value) == SEAL
+    assert raw is not None
+    doc = json.loads(raw.value)
+    wrapped = base64.b64decode(doc.pop("keyring"))  # wrapped by the root key: no key in the clear
+    assert doc == SEAL
+    assert b'"terms"' not in wrapped and b"path_key" not in wrapped

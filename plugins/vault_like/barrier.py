@@ -2,9 +2,11 @@
 
 Physical layout (what :mod:`.storage` sees):
 
-- ``core/seal``: the seal config (the KMS-wrapped root key, its key id and encryption context), JSON.
+- ``core/seal``: the seal config (the KMS-wrapped root key, its key id and encryption context), JSON,
+  and the first keyring (``"keyring"``, wrapped as below), so init is a single create-only write.
   Not encrypted by the barrier: it is what opens the barrier, and it holds nothing usable without KMS.
-- ``core/keyring``: the keyring, AES-256-GCM under the root key, AAD ``b"core/keyring"``.
+- ``core/keyring``: the keyring, AES-256-GCM under the root key, AAD ``b"core/keyring"``; written by
+  the first ``sys/rotate`` and read in preference to the one in ``core/seal`` from then on.
 - ``e/<hex>``: one logical entry; ``<hex>`` = HMAC-SHA256(path_key, logical path), so storage never
   sees a path name either.
 - ``d/<hex>``: a directory index: the encrypted, sorted list of a logical directory's children
@@ -57,6 +59,7 @@ __all__ = ["Barrier", "BarrierError", "Doc", "JsonStore", "SealedError"]
 
 SEAL_KEY: Final = "core/seal"
 KEYRING_KEY: Final = "core/keyring"
+SEAL_KEYRING_FIELD: Final = "keyring"  # in core/seal: the keyring until the first rotation
 KEYRING_AAD: Final = b"core/keyring"
 _TERM: Final = 4
 _NONCE: Final = 12
@@ -129,7 +132,7 @@ class _Keyring:
     active: int
     path_key: bytes
     install_times: dict[int, str]
-    version: str  # of core/keyring in storage
+    version: str | None  # of core/keyring in storage; None: still the one inside core/seal
     # HMAC-SHA256 keyed with path_key, copied per name: OpenSSL 3 makes a fresh HMAC cost ~4x a copy.
     namer: HMAC = field(init=False, repr=False, compare=False)
 
@@ -152,7 +155,7 @@ class _Keyring:
         ).encode()
 
     @staticmethod
-    def decode(data: bytes, version: str) -> _Keyring:
+    def decode(data: bytes, version: str | None) -> _Keyring:
         try:
             doc = json.loads(data)
             raw = {int(t): base64.b64decode(k, validate=True) for t, k in doc["terms"].items()}
@@ -210,6 +213,13 @@ class Barrier:
         return await self._storage.get(SEAL_KEY) is not None
 
     async def read_seal_config(self) -> dict[str, Any] | None:
+        """The seal config as given to :meth:`initialize` (the keyring kept with it is not part)."""
+        doc = await self._read_seal_entry()
+        if doc is not None:
+            doc.pop(SEAL_KEYRING_FIELD, None)
+        return doc
+
+    async def _read_seal_entry(self) -> dict[str, Any] | None:
         entry = await self._storage.get(SEAL_KEY)
         if entry is None:
             return None
@@ -222,17 +232,20 @@ class Barrier:
         return config
 
     async def initialize(self, root_key: bytes, seal_config: dict[str, Any]) -> None:
-        """Write the seal config and a fresh keyring; the barrier is unsealed afterwards.
+        """Write the seal config with a fresh keyring in it; the barrier is unsealed afterwards.
 
-        ``core/seal`` is written first, create-only: of two initialisers racing, exactly one wins and
-        the other gets :class:`Conflict` before it writes anything else.
+        One create-only write: of two initialisers racing, exactly one wins and the other gets
+        :class:`Conflict`; and a crash can leave the store either uninitialised or whole, never
+        with a seal config whose keyring was lost. The first ``sys/rotate`` moves the keyring out
+        to ``core/keyring`` (create-only as well), which takes precedence from then on.
         """
         root = self._root_cipher(root_key)
-        await self._storage.put(SEAL_KEY, json.dumps(seal_config).encode(), expect=None)
         key = os.urandom(32)
-        keyring = _Keyring({1: key}, {1: AESGCM(key)}, 1, os.urandom(32), {1: _now()}, "")
-        version = await self._storage.put(KEYRING_KEY, _seal_keyring(root, keyring))
-        self._set_keyring(root, _Keyring.decode(keyring.encode(), version))
+        keyring = _Keyring({1: key}, {1: AESGCM(key)}, 1, os.urandom(32), {1: _now()}, None)
+        wrapped = base64.b64encode(_seal_keyring(root, keyring)).decode()
+        doc = {**seal_config, SEAL_KEYRING_FIELD: wrapped}
+        await self._storage.put(SEAL_KEY, json.dumps(doc).encode(), expect=None)
+        self._set_keyring(root, keyring)
 
     async def unseal(self, root_key: bytes) -> None:
         root = self._root_cipher(root_key)
@@ -285,18 +298,28 @@ class Barrier:
 
     async def _load_keyring(self, root: AESGCM) -> _Keyring:
         entry = await self._storage.get(KEYRING_KEY)
-        if entry is None:
-            raise BarrierError(
-                "the store has no keyring: it is not initialised, or initialisation did not finish"
-            )
-        blob = entry.value
+        version: str | None = None
+        if entry is not None:
+            blob, version = entry.value, entry.version
+        else:  # never rotated: the keyring written at init, inside the seal config
+            blob = await self._initial_keyring()
         try:
             plain = root.decrypt(blob[:_NONCE], blob[_NONCE:], KEYRING_AAD)
         except (InvalidTag, ValueError) as exc:
             raise BarrierError(
                 "the root key does not open the keyring (wrong key, or a tampered keyring)"
             ) from exc
-        return _Keyring.decode(plain, entry.version)
+        return _Keyring.decode(plain, version)
+
+    async def _initial_keyring(self) -> bytes:
+        doc = await self._read_seal_entry()
+        wrapped = doc.get(SEAL_KEYRING_FIELD) if doc is not None else None
+        if not isinstance(wrapped, str):
+            raise BarrierError("the store has no keyring: it is not initialised")
+        try:
+            return base64.b64decode(wrapped, validate=True)
+        except (binascii.Error, ValueError):
+            raise BarrierError("the keyring is malformed") from None
 
     def _set_keyring(self, root: AESGCM, keyring: _Keyring) -> None:
         self._root = root
