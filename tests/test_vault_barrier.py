@@ -288,6 +288,59 @@ async def test_a_replica_reads_entries_written_after_another_rotated() -> None:
     assert (await a.get("x/z")).value == b"term 3 entry"  # type: ignore[union-attr]
 
 
+async def test_a_rotation_reaches_the_writes_of_every_replica() -> None:
+    # Threat: keys rotated after a suspected exposure, while another replica on the same bucket
+    # keeps encrypting new secrets under the old term for as long as it runs. Writers on shared
+    # storage reload the keyring at least every `keyring_refresh` seconds (5 by default).
+    shared = MemoryStorage()
+    a = await open_barrier(SharedMemory(shared))
+    b = Barrier(SharedMemory(shared), keyring_refresh=0.2)
+    await b.unseal(ROOT_KEY)
+    await b.put("x/before", b"v")
+    await a.rotate()
+    await asyncio.sleep(0.25)
+    await b.put("x/after", b"v")
+    raw = {key: entry.value for key, entry in shared._data.items() if key.startswith("e/")}
+    terms = sorted(int.from_bytes(blob[:4], "big") for blob in raw.values())
+    assert terms == [1, 2]  # "x/before" under term 1, "x/after" under the rotated term
+    assert b.key_status()["term"] == 2
+
+
+async def test_a_stale_keyring_never_replaces_a_newer_one() -> None:
+    # A reload that raced a rotation in this process must not take the keyring back a term.
+    shared = MemoryStorage()
+    a = await open_barrier(SharedMemory(shared))
+    stale = await a._load_keyring(a._root)  # type: ignore[arg-type]
+    await a.rotate()
+    a._set_keyring(a._root, stale)  # type: ignore[arg-type]
+    assert a.key_status()["term"] == 2
+
+
+async def test_a_write_in_flight_at_seal_leaves_nothing_readable() -> None:
+    # Threat: plaintext served by a sealed barrier. A write that completes after seal() puts its
+    # entry in the cache; reads must still refuse until the store is unsealed again.
+    class SlowStorage(MemoryStorage):
+        gate: asyncio.Event | None = None
+
+        async def put(self, key: str, value: bytes, expect: str | _Any | None = ANY) -> str:
+            if self.gate is not None and key.startswith("e/"):
+                await self.gate.wait()
+            return await super().put(key, value, expect)
+
+    storage = SlowStorage()
+    barrier = await open_barrier(storage)
+    storage.gate = asyncio.Event()
+    write = asyncio.create_task(barrier.put("secret/late", b"plaintext", indexed=False))
+    await asyncio.sleep(0)
+    barrier.seal()
+    storage.gate.set()
+    await write
+    with pytest.raises(SealedError):
+        await barrier.get("secret/late")
+    with pytest.raises(SealedError):
+        await barrier.list("secret/")
+
+
 # =========================================================================== directory indexes
 
 

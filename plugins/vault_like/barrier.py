@@ -42,6 +42,7 @@ import binascii
 import builtins
 import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -59,6 +60,7 @@ __all__ = ["Barrier", "BarrierError", "Doc", "JsonStore", "SealedError"]
 
 SEAL_KEY: Final = "core/seal"
 KEYRING_KEY: Final = "core/keyring"
+KEYRING_REFRESH_SECONDS: Final = 5.0  # shared storage: how stale a writer's keyring may be
 SEAL_KEYRING_FIELD: Final = "keyring"  # in core/seal: the keyring until the first rotation
 KEYRING_AAD: Final = b"core/keyring"
 _TERM: Final = 4
@@ -178,11 +180,15 @@ def _seal_keyring(root: AESGCM, keyring: _Keyring) -> bytes:
 class Barrier:
     """Encrypts every entry under the keyring, which the root key opens. Sealed until :meth:`unseal`."""
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, *, keyring_refresh: float = KEYRING_REFRESH_SECONDS) -> None:
         self._storage = storage
         self._exclusive = bool(getattr(storage, "exclusive", False))
         self._root: AESGCM | None = None
         self._keyring: _Keyring | None = None
+        # Shared storage: another replica may rotate. Writers reload the keyring this often, so a
+        # rotation (e.g. after a suspected key exposure) reaches every replica's writes in time.
+        self._keyring_refresh = keyring_refresh
+        self._keyring_loaded = 0.0
         self._locks = [asyncio.Lock() for _ in range(_LOCKS)]
         # Separate stripes for JsonStore.update, which takes a directory lock inside its own.
         self._update_locks = [asyncio.Lock() for _ in range(_LOCKS)]
@@ -322,8 +328,21 @@ class Barrier:
             raise BarrierError("the keyring is malformed") from None
 
     def _set_keyring(self, root: AESGCM, keyring: _Keyring) -> None:
+        current = self._keyring
+        if current is not None and root is self._root and keyring.active < current.active:
+            return  # a reload that raced a rotation here: terms only grow, keep the newer keyring
         self._root = root
         self._keyring = keyring
+        self._keyring_loaded = time.monotonic()
+
+    async def _keyring_for_writing(self) -> _Keyring:
+        """The keyring to encrypt with: on shared storage, reloaded when older than the refresh
+        interval (a read finds a newer term by itself; a write would not)."""
+        root, keyring = self._require()
+        if not self._exclusive and time.monotonic() - self._keyring_loaded >= self._keyring_refresh:
+            self._set_keyring(root, await self._load_keyring(root))
+            _, keyring = self._require()
+        return keyring
 
     def _require(self) -> tuple[AESGCM, _Keyring]:
         if self._keyring is None or self._root is None:
@@ -388,11 +407,11 @@ class Barrier:
         cache[key] = value
 
     async def _read_entry(self, path: str) -> Doc | None:
+        _, keyring = self._require()  # first: a write in flight at seal() may have refilled a cache
         if self._exclusive:
             hit = self._entries.get(path, _MISS)
             if hit is not _MISS:
                 return hit  # type: ignore[no-any-return]
-        _, keyring = self._require()
         generation = self._generation
         raw = await self._storage.get(self._entry_key(keyring, path))
         doc = None if raw is None else Doc(await self._open(raw.value, path.encode()), raw.version)
@@ -401,11 +420,11 @@ class Barrier:
         return doc
 
     async def _read_dir(self, directory: str) -> tuple[tuple[str, ...], str | None]:
+        _, keyring = self._require()  # first, as in _read_entry
         if self._exclusive:
             hit = self._dirs.get(directory)
             if hit is not None:
                 return hit
-        _, keyring = self._require()
         generation = self._generation
         raw = await self._storage.get(self._dir_key(keyring, directory))
         if raw is None:
@@ -452,7 +471,7 @@ class Barrier:
         """Write an entry. ``indexed=False``: the entry never appears in its directory's listing
         (saves a directory write per new entry, for documents only ever found by their name)."""
         _check_path(path)
-        _, keyring = self._require()
+        keyring = await self._keyring_for_writing()
         blob = self._encrypt(keyring, bytes(value), path.encode())
         try:
             version = await self._storage.put(self._entry_key(keyring, path), blob, expect)
@@ -593,7 +612,7 @@ class Barrier:
         return await self._read_entry(child) is not None
 
     async def _write_dir(self, directory: str, children: tuple[str, ...], expect: str | None) -> None:
-        _, keyring = self._require()
+        keyring = await self._keyring_for_writing()
         key = self._dir_key(keyring, directory)
         try:
             if children or not self._exclusive:
