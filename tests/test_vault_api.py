@@ -599,3 +599,63 @@ async def test_the_audit_hasher_keeps_no_plaintext_token_or_secret(vault: Vault)
     cached = set(audit.hasher._cache)
     assert child not in cached and vault.token not in cached
     assert "hunter2-cache" not in cached
+
+
+async def _raw_http(port: int, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    return answer
+
+
+async def test_a_raw_8bit_path_is_a_400_on_the_python_parser_listener(vault: Vault) -> None:
+    # The LIST listener runs aiohttp's Python parser, which passes raw bytes in the path through
+    # (llhttp refuses them); a storage key built from one cannot be encoded. Not a 500.
+    from urllib.parse import urlparse
+
+    port = urlparse(vault.url).port
+    assert port is not None
+    token = b"X-Vault-Token: " + vault.token.encode() + b"\r\n"
+    for request in (
+        b"GET /v1/secret/data/a\xff HTTP/1.1\r\nHost: x\r\n" + token + b"Connection: close\r\n\r\n",
+        b"PUT /v1/secret/data/\xff\xfe HTTP/1.1\r\nHost: x\r\n"
+        + token
+        + b"Content-Length: 18\r\nConnection: close\r\n\r\n"
+        + b'{"data":{"k":"v"}}',
+    ):
+        answer = await _raw_http(port, request)
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+        assert b"not valid UTF-8" in answer
+
+
+async def test_replicas_racing_to_auto_init_both_open(tmp_path: Path) -> None:
+    # Two replicas on one store start together with auto_init: one initialises, the other must
+    # unseal the store it lost the race for, not stay sealed until restarted.
+    async with vault_starter(tmp_path) as start:
+        kms = FakeKms()
+        state = tmp_path / "state"
+        first, second = await asyncio.gather(
+            start(state=state, kms=kms, config={"auto_init": True, "audit_log": "a.log"}),
+            start(state=state, kms=kms, config={"auto_init": True, "audit_log": "b.log"}),
+        )
+        assert not first.service.sealed and not second.service.sealed
+        token = (state / "vault-root-token").read_text().strip()
+        for replica in (first, second):
+            status, _, _ = await replica.call("GET", "auth/token/lookup-self", token=token)
+            assert status == 200
+
+
+async def test_auto_init_does_not_initialise_when_the_token_file_cannot_be_written(
+    tmp_path: Path,
+) -> None:
+    # Threat (lock-out): an initialised store whose only root token was never written anywhere.
+    async with vault_starter(tmp_path) as start:
+        state = tmp_path / "state"
+        (state / "vault-root-token").mkdir(parents=True)  # a directory where the file must go
+        v = await start(state=state, config={"auto_init": True})
+        assert v.service.sealed
+        assert "cannot write the root token file" in (v.service.reason or "")
+        assert not await v.service.barrier.initialized()  # type: ignore[union-attr]
+        assert v.kms.calls == []  # no root key was even generated

@@ -139,6 +139,17 @@ async def test_errors(transit: Transit) -> None:
             {"ciphertext": "vault:vx:AAAA"},
             (400, ["invalid ciphertext: version number could not be decoded"]),
         ),
+        *[
+            (
+                "update",
+                "decrypt/k",
+                {"ciphertext": f"vault:v{version}:" + "A" * 40},
+                (400, ["invalid ciphertext: version number could not be decoded"]),
+            )
+            # int() refuses "²" and 5,000 digits (a 500 before); "\u0661" (Arabic-Indic one)
+            # would have decrypted as version 1, which Go's strconv refuses.
+            for version in ("\u00b2", "9" * 5000, "\u0661")
+        ],
         (
             "update",
             "decrypt/k",

@@ -185,6 +185,11 @@ def check_path(path: str) -> None:
         raise VaultError(400, "invalid request path: empty, '.' and '..' segments are not allowed")
     if "\x00" in path:
         raise VaultError(400, "invalid request path")
+    if not path.isascii():
+        try:
+            path.encode()
+        except UnicodeEncodeError:  # raw bytes the HTTP parser passed through as surrogates
+            raise VaultError(400, "invalid request path: not valid UTF-8") from None
 
 
 class VaultApi:

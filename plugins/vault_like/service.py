@@ -211,12 +211,13 @@ class VaultService:
         try:
             self.initialized = await self.barrier.initialized()
             if not self.initialized:
-                if self.auto_init:
-                    await self._auto_init()
+                if not self.auto_init:
+                    self.reason = "not initialised: run `sidecar vault init`"
+                    event(self.log, logging.INFO, "vault_uninitialised", hint="sidecar vault init")
+                    return False  # keep checking: another replica on shared storage may initialise it
+                if await self._auto_init():
                     return True
-                self.reason = "not initialised: run `sidecar vault init`"
-                event(self.log, logging.INFO, "vault_uninitialised", hint="sidecar vault init")
-                return False  # keep checking: another replica on shared storage may initialise it
+                # Another replica initialised it first: unseal it like any initialised store.
             seal_config = await self.barrier.read_seal_config()
             root_key = await unseal_root_key(self.context.kms, seal_config or {})
             try:
@@ -260,17 +261,25 @@ class VaultService:
                 with contextlib.suppress(Exception):
                     await state.mounts.load()
 
-    async def _auto_init(self) -> None:
+    async def _auto_init(self) -> bool:
+        """Initialise and write the root token file. False: another replica initialised it first."""
+        path = self.context.state_dir / ROOT_TOKEN_FILE
+        # The token exists only in this call: check the file can be written before the store is
+        # initialised, or a full disk would leave an initialised store whose root token nobody has.
+        try:
+            write_private(path, "")
+        except OSError as exc:
+            raise VaultError(500, f"cannot write the root token file {path}: {exc.strerror or exc}") from None
         try:
             token = await self.initialize()
         except VaultError as exc:
-            if exc.status == 400:  # another replica won the race: unseal as usual next time
-                return
+            if exc.status == 400:  # another replica won the race
+                return False
             raise
-        path = self.context.state_dir / ROOT_TOKEN_FILE
         write_private(path, token + "\n")
         del token
         event(self.log, logging.INFO, "vault_root_token_written", path=str(path))
+        return True
 
     async def _open(self, fresh: bool = False) -> None:
         """The barrier is unsealed: build the stores, make sure init's later steps happened."""

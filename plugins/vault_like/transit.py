@@ -33,6 +33,7 @@ KEY_TYPE: Final = "aes256-gcm96"
 NONCE_BYTES: Final = 12
 _NAME = re.compile(r"[A-Za-z0-9_.@-]{1,128}")  # no "/" so keys/NAME/rotate stays unambiguous
 _CIPHERTEXT = re.compile(r"vault:v([^:]*):(.*)", re.DOTALL)
+_VERSION: Final = re.compile(r"[0-9]{1,9}")  # ASCII digits, at most a billion versions
 _UNSUPPORTED_PATH = "1 error occurred:\n\t* unsupported path\n\n"
 _UNSUPPORTED_OP = "1 error occurred:\n\t* unsupported operation\n\n"
 
@@ -211,7 +212,7 @@ class Transit:
         match = _CIPHERTEXT.fullmatch(text)
         if match is None:
             raise VaultError(400, "invalid ciphertext: no prefix")
-        if not match.group(1).isdigit():
+        if not _VERSION.fullmatch(match.group(1)):  # not isdigit(): "²" and Arabic-Indic digits pass that
             raise VaultError(400, "invalid ciphertext: version number could not be decoded")
         version = int(match.group(1))
         if version > policy["latest"]:
