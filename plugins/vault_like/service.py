@@ -266,8 +266,14 @@ class VaultService:
         path = self.context.state_dir / ROOT_TOKEN_FILE
         # The token exists only in this call: check the file can be written before the store is
         # initialised, or a full disk would leave an initialised store whose root token nobody has.
+        # A probe file, not the token file itself: a replica sharing this directory may have
+        # just written the token there.
+        probe = path.with_name(f".{path.name}.probe")
         try:
-            write_private(path, "")
+            if path.exists() and not path.is_file():
+                raise IsADirectoryError(0, "exists and is not a regular file")
+            write_private(probe, "x" * 128)
+            probe.unlink()
         except OSError as exc:
             raise VaultError(500, f"cannot write the root token file {path}: {exc.strerror or exc}") from None
         try:
