@@ -165,9 +165,10 @@ class AuditLog:
         self._auth.clear()
 
     def hash(self, value: str) -> str:
+        """sys/audit-hash: the value is the client's (often a secret), so it is never cached."""
         if self.hasher is None:
             raise AuditError("the audit salt is not loaded (the store is sealed)")
-        return self.hasher.hash(value)
+        return self.hasher.digest(value)
 
     def write(self, entry: dict[str, Any]) -> None:
         """Append one entry. Raises :class:`AuditError` when it cannot be written in full."""

@@ -268,14 +268,15 @@ class VaultService:
         # initialised, or a full disk would leave an initialised store whose root token nobody has.
         # A probe file, not the token file itself: a replica sharing this directory may have
         # just written the token there.
+        cannot = f"cannot write the root token file {path}"
+        if path.exists() and not path.is_file():
+            raise VaultError(500, f"{cannot}: it exists and is not a regular file")
         probe = path.with_name(f".{path.name}.probe")
         try:
-            if path.exists() and not path.is_file():
-                raise IsADirectoryError(0, "exists and is not a regular file")
             write_private(probe, "x" * 128)
             probe.unlink()
         except OSError as exc:
-            raise VaultError(500, f"cannot write the root token file {path}: {exc.strerror or exc}") from None
+            raise VaultError(500, f"{cannot}: {exc.strerror or exc}") from None
         try:
             token = await self.initialize()
         except VaultError as exc:
