@@ -55,6 +55,7 @@ from sidecar.net.egress import (
     upstream_from_settings,
 )
 from sidecar.net.policy import EgressPolicy
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ORIGIN_IP = "127.0.0.2"
@@ -805,9 +806,7 @@ async def test_expect_100_continue(proxy: EgressProxy, origins: Origins, tmp_pat
 
 
 def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port()  # outside the ephemeral range, so no outgoing connection takes it meanwhile
 
 
 @pytest.mark.parametrize("method", ["CONNECT", "GET"])

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, install_plugin_dist
+from tests.ports import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -41,12 +41,6 @@ def greeter_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )  # fmt: skip
     assert (target / "sidecar_greeter" / "__init__.py").exists()
     return target
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_configs(

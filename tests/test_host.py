@@ -34,6 +34,7 @@ from sidecar.net.ingress import start_ingress_bridges
 from sidecar.net.policy import EgressPolicy
 from sidecar.net.streams import start_streams
 from sidecar.net.vsock import AddrInfo, Endpoint
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = str(ROOT / ".venv" / "bin" / "python")
@@ -185,10 +186,7 @@ async def test_no_policy_check_connects_where_asked(tmp_path: Path) -> None:
 
 
 async def test_failures_are_answered_with_err(tmp_path: Path) -> None:
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    closed_port = probe.getsockname()[1]
-    probe.close()
+    closed_port = free_port()
     async with egress(tmp_path, None, resolver=Resolver({"down.test": "127.0.0.1"})) as e:
         with pytest.raises(wire.ConnectRefused) as info:
             await fetch(e.endpoint, "nxdomain.test", 443)
@@ -433,14 +431,6 @@ def write_manifest(path: Path, ports: Sequence[int], allow: Sequence[str], deny:
     }
     path.write_text(yaml.safe_dump(manifest))
     return path
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port: int = s.getsockname()[1]
-    s.close()
-    return port
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,6 @@ import asyncio
 import json
 import logging
 import re
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -31,6 +30,7 @@ from sidecar.aws.imds import (
     wait_for_imds,
 )
 from sidecar.devworld.imds import DevImds
+from tests.ports import free_port
 
 TOKEN = "/latest/api/token"
 ROLES = "/latest/meta-data/iam/security-credentials/"
@@ -76,12 +76,6 @@ async def serve(app: web.Application | web.Server) -> tuple[str, Callable[[], Aw
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     return f"http://127.0.0.1:{runner.addresses[0][1]}", runner.cleanup
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # ---------------------------------------------------------------------- happy path and tokens

@@ -17,7 +17,6 @@ import http.client
 import json
 import logging
 import os
-import socket
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
@@ -46,6 +45,7 @@ from sidecar.aws.kms_proxy import (
     start_kms_proxy,
     to_json,
 )
+from tests.ports import free_port
 
 T = TypeVar("T")
 REGION = "eu-west-1"
@@ -279,12 +279,6 @@ def set_header(request: Any, name: str, value: str | None) -> None:
         del request.headers[name]
     if value is not None:
         request.headers[name] = value
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from sidecar.net import vsock, wire
 from sidecar.net.ingress import start_bridges, start_ingress_bridges, vsock_ingress_pairs
 from sidecar.net.streams import LogStream, StatusStream, start_streams
 from sidecar.net.vsock import Endpoint, parse_endpoint
+from tests.ports import free_port
 
 # --------------------------------------------------------------------------- endpoints
 
@@ -168,10 +169,7 @@ async def test_max_connections_closes_the_extra_connection(tmp_path: Path) -> No
 async def test_connect_errors_are_oserrors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         await vsock.connect(vsock.unix(tmp_path / "nobody.sock"))
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()  # a port nobody listens on
+    port = free_port()  # a port nobody listens on
     with pytest.raises(ConnectionRefusedError):
         await vsock.connect(vsock.tcp("127.0.0.1", port), timeout=5)
 

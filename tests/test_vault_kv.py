@@ -12,7 +12,6 @@ import importlib.util
 import json
 import os
 import re
-import socket
 import subprocess
 import time
 import urllib.error
@@ -26,6 +25,7 @@ from vault_fakes import FakeJsonStore
 
 from plugins.vault_like.kv import KvV2, go_duration, merge_patch, parse_go_duration, rfc3339, subkeys
 from plugins.vault_like.logical import LogicalRequest, LogicalResponse, Operation, VaultError
+from tests.ports import free_port as _free_port
 
 Doc = dict[str, Any]
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z$")
@@ -572,12 +572,6 @@ async def test_store_documents_are_never_mutated() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # the reference: a real OpenBao
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

