@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 from vault_fakes import FakeJsonStore
 
-from plugins.vault_like.kv import KvV2, go_duration, merge_patch, parse_go_duration, rfc3339, subkeys
+from plugins.vault_like.durations import go_duration, parse_go_duration
+from plugins.vault_like.kv import KvV2, merge_patch, rfc3339, subkeys
 from plugins.vault_like.logical import LogicalRequest, LogicalResponse, Operation, VaultError
 from tests.ports import free_port as _free_port
 

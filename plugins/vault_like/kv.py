@@ -28,7 +28,6 @@ import builtins
 import contextlib
 import functools
 import logging
-import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -36,6 +35,7 @@ from typing import Any, Final, Protocol
 
 from sidecar.logs import event
 
+from .durations import INT64_MAX, INTEGER, duration_seconds, go_duration, go_quote
 from .logical import LogicalRequest, LogicalResponse, Operation, VaultError
 
 log = logging.getLogger(__name__)
@@ -100,96 +100,6 @@ def rfc3339(ns: int) -> str:
     return f"{base}Z"
 
 
-def go_duration(seconds: int) -> str:
-    """Whole seconds as Go's ``time.Duration.String()``: ``0s``, ``1m30s``, ``1h0m0s``, ``-1s``."""
-    if seconds == 0:
-        return "0s"
-    sign = "-" if seconds < 0 else ""
-    hours, rest = divmod(abs(seconds), 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{sign}{hours}h{minutes}m{secs}s"
-    if minutes:
-        return f"{sign}{minutes}m{secs}s"
-    return f"{sign}{secs}s"
-
-
-def go_quote(text: str) -> str:
-    """Go's ``%q``: a double-quoted string with unprintable characters escaped."""
-    out = ['"']
-    for ch in text:
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif ch.isprintable():
-            out.append(ch)
-        elif ch in _GO_ESCAPES:
-            out.append(_GO_ESCAPES[ch])
-        elif ord(ch) < 0x80:
-            out.append(f"\\x{ord(ch):02x}")
-        elif ord(ch) <= 0xFFFF:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(f"\\U{ord(ch):08x}")
-    out.append('"')
-    return "".join(out)
-
-
-_GO_ESCAPES = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v"}
-_DURATION_UNITS = {
-    "ns": 1,
-    "us": 1_000,
-    "\u00b5s": 1_000,
-    "\u03bcs": 1_000,
-    "ms": 1_000_000,
-    "s": 1_000_000_000,
-    "m": 60_000_000_000,
-    "h": 3_600_000_000_000,
-}
-_DURATION_PART = re.compile(r"([0-9]*)(?:\.([0-9]*))?")
-_DURATION_UNIT = re.compile(r"[^0-9.]*")
-_INTEGER = re.compile(r"[+-]?[0-9]{1,19}")  # int64 has 19 digits; longer is out of range
-_INT64_MAX: Final = 2**63 - 1
-
-
-def parse_go_duration(text: str) -> int:
-    """Go's ``time.ParseDuration`` (``1h30m``, ``1.5h``, ``-2s``, ``500ms``) in nanoseconds.
-
-    Raises ValueError with Go's message.
-    """
-    quoted = go_quote(text)
-    rest = text
-    negative = False
-    if rest[:1] in ("+", "-"):
-        negative = rest[0] == "-"
-        rest = rest[1:]
-    if rest == "0":
-        return 0
-    if not rest:
-        raise ValueError(f"time: invalid duration {quoted}")
-    total = 0
-    while rest:
-        number = _DURATION_PART.match(rest)
-        assert number is not None  # the pattern matches the empty string
-        whole, fraction = number.group(1), number.group(2) or ""
-        if not whole and not fraction:
-            raise ValueError(f"time: invalid duration {quoted}")
-        rest = rest[number.end() :]
-        unit_match = _DURATION_UNIT.match(rest)
-        unit = unit_match.group(0) if unit_match else ""
-        if not unit:
-            raise ValueError(f"time: missing unit in duration {quoted}")
-        if unit not in _DURATION_UNITS:
-            raise ValueError(f"time: unknown unit {go_quote(unit)} in duration {quoted}")
-        rest = rest[len(unit) :]
-        scale = _DURATION_UNITS[unit]
-        total += int(whole or "0") * scale
-        if fraction:
-            total += int(fraction) * scale // 10 ** len(fraction)
-        if total > _INT64_MAX:
-            raise ValueError(f"time: invalid duration {quoted}")
-    return -total if negative else total
-
-
 # ---------------------------------------------------------------------------------------------
 # Field conversion, with the messages Vault's framework gives
 
@@ -229,7 +139,7 @@ def _as_int(name: str, value: Any, validation: bool = True) -> int:
         return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if isinstance(value, str) and _INTEGER.fullmatch(value):
+    if isinstance(value, str) and INTEGER.fullmatch(value):
         return int(value)
     raise _field_error(name, "'' cannot parse value as 'int': strconv.ParseInt: invalid syntax", validation)
 
@@ -275,26 +185,15 @@ def _as_duration(name: str, value: Any, signed: bool, validation: bool = True) -
         if not isinstance(value, str | float):
             raise _field_error(name, "could not parse duration from input", validation)
         try:
-            seconds = _parse_duration_seconds(text)
+            seconds = duration_seconds(text)
         except ValueError as e:
             raise _field_error(name, str(e), validation) from None
-    if abs(seconds) * 1_000_000_000 > _INT64_MAX:
+    if abs(seconds) * 1_000_000_000 > INT64_MAX:
         detail = "multiplication of durations resulted in overflow, one operand may be too large"
         raise _field_error(name, detail, validation)
     if seconds < 0 and not signed:
         raise _field_error(name, f"cannot provide negative value '{seconds}'", validation=False)
     return seconds
-
-
-def _parse_duration_seconds(text: str) -> int:
-    if text == "":
-        return 0
-    if _INTEGER.fullmatch(text):
-        return int(text)
-    if text.endswith("d") and _INTEGER.fullmatch(text[:-1]):
-        return int(text[:-1]) * 86400
-    ns = parse_go_duration(text)
-    return -(-ns // 1_000_000_000) if ns < 0 else ns // 1_000_000_000  # truncate toward zero, like Go
 
 
 def _as_versions(value: Any) -> list[int]:
@@ -306,7 +205,7 @@ def _as_versions(value: Any) -> list[int]:
     for index, item in enumerate(items):
         if isinstance(item, int) and not isinstance(item, bool):
             out.append(item)
-        elif isinstance(item, str) and _INTEGER.fullmatch(item):
+        elif isinstance(item, str) and INTEGER.fullmatch(item):
             out.append(int(item))
         else:
             detail = (
@@ -1046,6 +945,6 @@ def _cas_option(body: Doc, validation: bool) -> tuple[bool, int]:
         return True, raw
     if isinstance(raw, float) and raw.is_integer():
         return True, int(raw)
-    if isinstance(raw, str) and _INTEGER.fullmatch(raw):
+    if isinstance(raw, str) and INTEGER.fullmatch(raw):
         return True, int(raw)
     raise VaultError(400, "error parsing check-and-set parameter")

@@ -17,7 +17,6 @@ replicas on one S3 bucket never lose each other's mounts. Each mount's data live
 
 from __future__ import annotations
 
-import re
 import secrets
 import time
 import uuid
@@ -25,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
+from plugins.vault_like.durations import MAX_SECONDS, duration_seconds
 from plugins.vault_like.logical import (
     Backend,
     LogicalRequest,
@@ -72,27 +72,9 @@ def is_legacy(sys_path: str) -> bool:
 
 # --------------------------------------------------------------------------- durations
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h|d)")
-_DIGITS = re.compile(r"[0-9]+")
-_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
 
 def parse_duration(value: Any, name: str) -> int:
-    """Seconds from an integer, a numeric string or a Go duration ("1h30m", "768h")."""
-    try:
-        seconds = _parse_duration(value, name)
-    except (OverflowError, ValueError):  # 10**400, "9" * 5000: a client's mistake, not a crash
-        raise VaultError(400, f"invalid value for {name!r}: out of range") from None
-    if seconds > _MAX_SECONDS:
-        raise VaultError(400, f"invalid value for {name!r}: out of range")
-    return seconds
-
-
-# Go's time.Duration holds at most 2**63-1 ns (about 292 years); Vault cannot store more either.
-_MAX_SECONDS: Final = (2**63 - 1) // 1_000_000_000
-
-
-def _parse_duration(value: Any, name: str) -> int:
+    """Seconds from an integer, a numeric string, ``Nd`` or a Go duration ("1h30m", "768h")."""
     if isinstance(value, bool):
         raise VaultError(400, f"invalid value for {name!r}: expected a duration")
     if isinstance(value, int):
@@ -100,23 +82,16 @@ def _parse_duration(value: Any, name: str) -> int:
     elif isinstance(value, float) and value.is_integer():
         seconds = int(value)
     elif isinstance(value, str):
-        text = value.strip()
-        if _DIGITS.fullmatch(text):  # not str.isdigit(): that accepts "²", which int() refuses
-            seconds = int(text)
-        else:
-            pos, total = 0, 0.0
-            for match in _DURATION.finditer(text):
-                if match.start() != pos:
-                    break
-                total += float(match.group(1)) * _UNIT[match.group(2)]
-                pos = match.end()
-            if not text or pos != len(text):
-                raise VaultError(400, f"invalid value for {name!r}: {value[:40]!r} is not a duration")
-            seconds = int(total)
+        try:
+            seconds = duration_seconds(value)
+        except ValueError as exc:  # Go's message, e.g. time: unknown unit "x" in duration "1x"
+            raise VaultError(400, f"invalid value for {name!r}: {exc}") from None
     else:
         raise VaultError(400, f"invalid value for {name!r}: expected a duration")
     if seconds < 0:
         raise VaultError(400, f"invalid value for {name!r}: a duration cannot be negative")
+    if seconds > MAX_SECONDS:
+        raise VaultError(400, f"invalid value for {name!r}: out of range")
     return seconds
 
 

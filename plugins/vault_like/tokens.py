@@ -40,6 +40,7 @@ from typing import Any, Final, Literal, Protocol
 from sidecar.logs import event
 
 from .acl import ACL, DEFAULT_POLICY, Policy, PolicyError, parse_policy
+from .durations import MAX_SECONDS, duration_seconds
 from .logical import LogicalRequest, LogicalResponse, Operation, VaultError, permission_denied
 
 log = logging.getLogger(__name__)
@@ -87,24 +88,12 @@ def _iso(ts: float) -> str:
 # ---------------------------------------------------------------------------------------------
 # Durations and field coercion, as Vault's framework does for these fields.
 
-_GO_UNITS: Final[dict[str, float]] = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,
-    "μs": 1e-6,
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-}
-_GO_PART: Final = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-
 
 def parse_duration(value: Any, field_name: str) -> int:
     """Vault's ParseDurationSecond: seconds as a number or digit string, ``Nd``, or a Go duration."""
     try:
         return _parse_duration(value, field_name)
-    except (OverflowError, ValueError):  # 10**400, "9" * 5000: a client's mistake, not a crash
+    except (OverflowError, ValueError):  # 10**400, a NaN: a client's mistake, not a crash
         raise VaultError(400, f'invalid value for "{field_name}": out of range') from None
 
 
@@ -113,35 +102,18 @@ def _parse_duration(value: Any, field_name: str) -> int:
         return 0
     if isinstance(value, bool):
         raise VaultError(400, f'invalid value for "{field_name}"')
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
-        text = value.strip()
-        if text == "":
-            return 0
-        if re.fullmatch(r"-?\d+", text):
-            seconds = float(int(text))
-        elif re.fullmatch(r"-?\d+d", text):
-            seconds = float(int(text[:-1]) * 86400)
-        else:
-            sign, body = (-1.0, text[1:]) if text[:1] in "-+" else (1.0, text)
-            if text[:1] == "+":
-                sign = 1.0
-            pos, total = 0, 0.0
-            while pos < len(body):
-                m = _GO_PART.match(body, pos)
-                if m is None:
-                    raise VaultError(400, f'time: invalid duration "{value}"')
-                total += float(m.group(1)) * _GO_UNITS[m.group(2)]
-                pos = m.end()
-            if not body:
-                raise VaultError(400, f'time: invalid duration "{value}"')
-            seconds = sign * total
+    if isinstance(value, str):
+        try:
+            seconds = duration_seconds(value)
+        except ValueError as exc:  # Go's own message: time: invalid duration "bogus"
+            raise VaultError(400, str(exc)) from None
+    elif isinstance(value, int | float):
+        seconds = int(value)
     else:
         raise VaultError(400, f'invalid value for "{field_name}"')
-    if seconds != seconds or abs(seconds) > 10**12:  # NaN / absurd
-        raise VaultError(400, f'invalid value for "{field_name}"')
-    return int(seconds)
+    if abs(seconds) > MAX_SECONDS:
+        raise VaultError(400, f'invalid value for "{field_name}": out of range')
+    return seconds
 
 
 def format_duration(seconds: int) -> str:

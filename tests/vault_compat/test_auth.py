@@ -76,6 +76,29 @@ def test_create_orphan(server: VaultServer, client: hvac.Client) -> None:
     assert new_token(server, policies=["default"])["orphan"] is False
 
 
+# Token TTLs go through Vault's ParseDurationSecond: a bare number is seconds, "Nd" alone is days,
+# anything else is Go's time.ParseDuration (truncated to whole seconds). vault_like parses every
+# engine's durations with one parser (plugins/vault_like/durations.py); this pins it to the real one.
+@pytest.mark.parametrize(
+    ("ttl", "seconds"),
+    [
+        ("90", 90),
+        (90, 90),
+        ("2d", 172800),
+        ("1.5h", 5400),
+        ("1h30m", 5400),
+        ("90s500ms", 90),
+    ],
+)
+def test_ttl_durations_parse_as_vault_does(server: VaultServer, ttl: object, seconds: int) -> None:
+    assert new_token(server, ttl=ttl)["lease_duration"] == seconds
+
+
+@pytest.mark.parametrize("ttl", ["bogus", "1d12h", "1h2", "h", "1x", " 45m "])
+def test_ttl_that_is_not_a_duration_is_400(server: VaultServer, ttl: str) -> None:
+    assert errors(server.request("POST", "auth/token/create", {"ttl": ttl}), 400)
+
+
 def test_lookup_self_and_lookup(server: VaultServer, name: str) -> None:
     put_policy(server, name, read_policy(name))
     auth = new_token(server, policies=[name], ttl="1h", num_uses=0, meta={"k": "v"})

@@ -133,6 +133,13 @@ def test_bad_mount_requests(server: VaultServer, name: str) -> None:
     assert errors(
         server.request("POST", "sys/mounts/secret", {"type": "kv", "options": {"version": "2"}}), 400
     )
+    # A mount's TTLs are durations as token TTLs are: "1d12h" is not one (only "Nd" alone is days).
+    for ttl in ("1d12h", "bogus", " 1h"):
+        body = {"type": "kv", "options": {"version": "2"}, "config": {"default_lease_ttl": ttl}}
+        assert errors(server.request("POST", f"sys/mounts/m-{name}", body), 400), ttl
+    body = {"type": "kv", "options": {"version": "2"}, "config": {"default_lease_ttl": "2d"}}
+    no_content(server.request("POST", f"sys/mounts/m-{name}", body))
+    no_content(server.request("DELETE", f"sys/mounts/m-{name}"))
 
 
 def test_internal_ui_mounts_secret(server: VaultServer) -> None:
