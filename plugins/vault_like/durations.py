@@ -44,6 +44,19 @@ def go_quote(text: str) -> str:
     return "".join(out)
 
 
+def format_duration(seconds: int) -> str:
+    """As Vault writes a TTL in its warnings: zero units left out, 3600 -> "1h", 5430 -> "1h30m30s".
+
+    Not :func:`go_duration`: OpenBao's "TTL of ... exceeded" warnings use this shorter form.
+    """
+    if seconds <= 0:
+        return "0s"
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    out = (f"{h}h" if h else "") + (f"{m}m" if m else "") + (f"{s}s" if s else "")
+    return out
+
+
 _GO_ESCAPES = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v"}
 _DURATION_UNITS = {
     "ns": 1,

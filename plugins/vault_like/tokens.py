@@ -40,7 +40,7 @@ from typing import Any, Final, Literal, Protocol
 from sidecar.logs import event
 
 from .acl import ACL, DEFAULT_POLICY, Policy, PolicyError, parse_policy
-from .durations import MAX_SECONDS, duration_seconds
+from .durations import MAX_SECONDS, duration_seconds, format_duration
 from .logical import LogicalRequest, LogicalResponse, Operation, VaultError, permission_denied
 
 log = logging.getLogger(__name__)
@@ -114,16 +114,6 @@ def _parse_duration(value: Any, field_name: str) -> int:
     if abs(seconds) > MAX_SECONDS:
         raise VaultError(400, f'invalid value for "{field_name}": out of range')
     return seconds
-
-
-def format_duration(seconds: int) -> str:
-    """A Go-style duration without zero trailing units: 3600 -> "1h", 5400 -> "1h30m"."""
-    if seconds <= 0:
-        return "0s"
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    out = (f"{h}h" if h else "") + (f"{m}m" if m else "") + (f"{s}s" if s else "")
-    return out
 
 
 def _field_error(name: str, kind: str) -> VaultError:
