@@ -29,16 +29,19 @@ class FakeKms:
     """Stands in for AttestedKms: GenerateDataKey/Decrypt with AES-GCM under a key of the test's.
 
     ``refuse`` makes every call fail as KMS does for an enclave whose PCR0 the key policy does not
-    name (AccessDeniedException).
+    name (AccessDeniedException); ``fail_with`` makes every call raise that exception instead.
     """
 
     def __init__(self, key: bytes | None = None) -> None:
         self.key = key or os.urandom(32)
         self.refuse = False
+        self.fail_with: Exception | None = None
         self.calls: list[str] = []
 
     def _check(self, operation: str) -> None:
         self.calls.append(operation)
+        if self.fail_with is not None:
+            raise self.fail_with
         if self.refuse:
             raise ClientError({"Error": {"Code": "AccessDeniedException", "Message": "no"}}, operation)
 

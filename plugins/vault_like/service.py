@@ -172,7 +172,7 @@ class VaultService:
             self._sealed_because(f"storage unavailable: {exc}")
             return
         self.barrier = Barrier(self.storage)
-        if not await self._try_unseal():
+        if not await self._attempt_unseal():
             self._tasks.append(
                 asyncio.get_running_loop().create_task(self._retry(), name="vault_like unseal")
             )
@@ -242,16 +242,25 @@ class VaultService:
             return False
         return True
 
+    async def _attempt_unseal(self) -> bool:
+        """:meth:`_try_unseal`, where a failure nobody foresaw leaves the store sealed, not crashed.
+
+        Fail closed either way; sealed with a reason, the plugin stays up, says why on readiness and
+        retries, where an exception would fail its start (or end the retry loop) for good.
+        """
+        try:
+            return await self._try_unseal()
+        except Exception as exc:  # the type only: a message might carry KMS or storage detail
+            self._sealed_because(f"sealed: unexpected {type(exc).__name__}")
+            return False
+
     async def _retry(self) -> None:
         delay = RETRY_FIRST
         while self.state is None:
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX)
             if self.state is None and not self._init_lock.locked():
-                try:
-                    await self._try_unseal()
-                except Exception as exc:  # the loop must survive anything; the reason is logged
-                    self._sealed_because(f"sealed: unexpected {type(exc).__name__}")
+                await self._attempt_unseal()
 
     async def _refresh(self) -> None:
         while True:
