@@ -163,10 +163,24 @@ async def test_a_store_kms_refuses_stays_sealed_and_says_why(start_vault: Starte
     assert (await second.call("GET", "sys/leader", token=None))[0] == 503
 
 
+@pytest.mark.parametrize(
+    ("failure", "reason"),
+    [
+        (None, "sealed: KMS refused (AccessDeniedException)"),
+        (RuntimeError("socket detail that must not reach readiness"), "sealed: unexpected RuntimeError"),
+    ],
+)
 async def test_a_sealed_store_unseals_itself_once_kms_answers(
-    start_vault: Starter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    start_vault: Starter,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    failure: Exception | None,
+    reason: str,
 ) -> None:
     # A KMS outage at boot must not need an operator: the retry loop unseals when KMS is back.
+    # Threat (the second case): a KMS client failing in a way nobody listed must neither open the
+    # store nor kill the plugin: it stays sealed with the exception's type alone as the reason (its
+    # message may carry detail) and keeps retrying.
     import plugins.vault_like.service as service_module
 
     monkeypatch.setattr(service_module, "RETRY_FIRST", 0.05)
@@ -174,48 +188,24 @@ async def test_a_sealed_store_unseals_itself_once_kms_answers(
     first = await start_vault(state=tmp_path / "s", kms=kms)
     await first.init()
     await stop(first)
-    kms.refuse = True
-    second = await start_vault(state=tmp_path / "s", kms=kms)
-    assert (await second.call("GET", "sys/health", token=None))[0] == 503
-    kms.refuse = False
-    for _ in range(100):
-        if (await second.call("GET", "sys/health", token=None))[0] == 200:
-            break
-        await asyncio.sleep(0.05)
-    assert (await second.call("GET", "auth/token/lookup-self", token=first.token))[0] == 200
-    assert (await second.ready())[0] == 200
-
-
-async def test_an_unforeseen_unseal_failure_leaves_the_store_sealed_and_retrying(
-    start_vault: Starter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Threat: a KMS client failing in a way nobody listed (here a RuntimeError carrying detail) must
-    # neither open the store nor kill the plugin: sealed, the type alone as the reason, and healed
-    # by the retry loop once KMS answers.
-    import plugins.vault_like.service as service_module
-
-    monkeypatch.setattr(service_module, "RETRY_FIRST", 0.05)
-    kms = FakeKms()
-    first = await start_vault(state=tmp_path / "s", kms=kms)
-    await first.init()
-    await stop(first)
-    kms.fail_with = RuntimeError("socket detail that must not reach readiness")
+    kms.refuse, kms.fail_with = True, failure
     second = await start_vault(state=tmp_path / "s", kms=kms)
     assert (await second.call("GET", "sys/health", token=None))[0] == 503
     status, ready = await second.ready()
-    assert status == 503 and ready["plugins"]["vault_like"] == "sealed: unexpected RuntimeError"
-    retried = kms.calls.count("Decrypt")
+    assert status == 503 and ready["plugins"]["vault_like"] == reason
+    tried = kms.calls.count("Decrypt")
     for _ in range(100):  # the retry loop survives the same failure again
-        if kms.calls.count("Decrypt") > retried:
+        if kms.calls.count("Decrypt") > tried:
             break
         await asyncio.sleep(0.05)
-    assert kms.calls.count("Decrypt") > retried
-    kms.fail_with = None
+    assert kms.calls.count("Decrypt") > tried
+    kms.refuse, kms.fail_with = False, None
     for _ in range(200):
         if (await second.call("GET", "sys/health", token=None))[0] == 200:
             break
         await asyncio.sleep(0.05)
     assert (await second.call("GET", "auth/token/lookup-self", token=first.token))[0] == 200
+    assert (await second.ready())[0] == 200
 
 
 # =========================================================================== auth and ACL
