@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -206,6 +207,46 @@ async def test_a_sealed_store_unseals_itself_once_kms_answers(
         await asyncio.sleep(0.05)
     assert (await second.call("GET", "auth/token/lookup-self", token=first.token))[0] == 200
     assert (await second.ready())[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("config", "warned"),
+    [
+        ({}, ["storage", "audit_log"]),
+        ({"audit_log": "/dev/stderr"}, ["storage"]),
+        ({"audit_log": ""}, ["storage"]),
+    ],
+)
+async def test_state_that_would_live_in_enclave_memory_is_warned_about(
+    start_vault: Starter,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    config: dict[str, Any],
+    warned: list[str],
+) -> None:
+    # Threat: an operator ships the demo's SQLite storage into an enclave, whose filesystem is its
+    # memory; the store (and every secret in it) would vanish at the first restart without a word.
+    from sidecar.attestation.nsm import NsmDevice
+
+    device = NsmDevice(os.devnull)  # stands for /dev/nsm: only its type is looked at here
+    try:
+        with caplog.at_level(logging.WARNING, logger="plugins.vault_like"):
+            vault = await start_vault(state=tmp_path / "s", config=config, nsm=device)
+        found = [r for r in caplog.records if r.getMessage() == "vault_state_in_enclave_memory"]
+        assert [getattr(r, "sidecar_fields", {}).get("what") for r in found] == [warned]
+        assert (await vault.call("GET", "sys/health", token=None))[
+            0
+        ] == 501  # it still serves: not initialised
+    finally:
+        device.close()
+
+
+async def test_no_enclave_memory_warning_outside_an_enclave(
+    start_vault: Starter, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="plugins.vault_like"):
+        await start_vault(state=tmp_path / "s")  # no NSM device: the dev world or a test, a real disk
+    assert not [r for r in caplog.records if r.getMessage() == "vault_state_in_enclave_memory"]
 
 
 # =========================================================================== auth and ACL

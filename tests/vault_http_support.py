@@ -130,13 +130,16 @@ async def vault_starter(tmp_path: Path) -> AsyncIterator[Starter]:
     async with contextlib.AsyncExitStack() as stack:
 
         async def start(
-            state: Path | None = None, kms: FakeKms | None = None, config: dict[str, Any] | None = None
+            state: Path | None = None,
+            kms: FakeKms | None = None,
+            config: dict[str, Any] | None = None,
+            nsm: Any = None,
         ) -> Vault:
             state = state or tmp_path / "state"
             state.mkdir(exist_ok=True)
             kms = kms or FakeKms()
             services = Services()
-            services.kms = kms
+            services.kms, services.nsm = kms, nsm
             harness = await stack.enter_async_context(
                 run_sidecar(
                     state_dir=state,

@@ -172,6 +172,15 @@ class VaultService:
             self._sealed_because(f"storage unavailable: {exc}")
             return
         self.barrier = Barrier(self.storage)
+        if in_memory := self._enclave_memory_only():
+            event(
+                self.log,
+                logging.WARNING,
+                "vault_state_in_enclave_memory",
+                what=in_memory,
+                hint="an enclave's filesystem is its memory and goes when the enclave stops: use "
+                "storage: s3 for the store; the audit log grows in memory (docs/deploying.md)",
+            )
         if not await self._attempt_unseal():
             self._tasks.append(
                 asyncio.get_running_loop().create_task(self._retry(), name="vault_like unseal")
@@ -241,6 +250,18 @@ class VaultService:
             self._sealed_because(f"sealed: {exc}")
             return False
         return True
+
+    def _enclave_memory_only(self) -> list[str]:
+        """What this store keeps on a filesystem that is only memory: inside a Nitro Enclave (the
+        real NSM device), SQLite storage and an audit file are lost when the enclave stops."""
+        from sidecar.attestation.nsm import NsmDevice
+
+        if not isinstance(self.context.services.nsm, NsmDevice):
+            return []  # the dev world or a test: the state directory is a real disk
+        kept = ["storage"] if self.storage_type == "sqlite" else []
+        if self.audit is not None and not str(self.audit.path).startswith("/dev/"):
+            kept.append("audit_log")
+        return kept
 
     async def _attempt_unseal(self) -> bool:
         """:meth:`_try_unseal`, where a failure nobody foresaw leaves the store sealed, not crashed.
