@@ -72,7 +72,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -87,7 +86,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import boto3
-from benchlib import machine_cpu_seconds, process_cpu_seconds
+from benchlib import free_ports, machine_cpu_seconds, process_cpu_seconds
 from botocore.config import Config
 
 from sidecar.attestation.emulator import DevPki, NsmEmulator
@@ -163,20 +162,6 @@ async def serve_proxy(state: Path, world: dict[str, str]) -> None:
 
 
 # ---------------------------------------------------------------------- starting and stopping
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct loopback ports the kernel says are free (held open until all are chosen)."""
-    sockets: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((HOST, 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def write_configs(directory: Path) -> tuple[Path, Path, dict[str, int]]:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 import platform
 import re
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import time
@@ -17,6 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
+
+from sidecar.testing import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,12 +93,8 @@ def machine_line() -> str:
 
 
 def free_ports(count: int) -> list[int]:
-    """``count`` distinct ports the kernel reports free on 127.0.0.1 (held open together, then released)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
-        for s in socks:
-            s.bind((HOST, 0))
-        return [int(s.getsockname()[1]) for s in socks]
+    """``count`` distinct free ports on 127.0.0.1, below the ephemeral range (see ``free_port``)."""
+    return [free_port() for _ in range(count)]
 
 
 def median(values: Sequence[float]) -> float:

@@ -388,7 +388,14 @@ def test_schema_types_are_documented() -> None:
 def test_testing_fixtures_are_documented() -> None:
     text = PLUGINS_MD.read_text(encoding="utf-8")
     section = text.split("## Testing a plugin", 1)[1].split("\n## ", 1)[0]
-    for name in ("sidecar_factory", "SidecarHarness", "run_sidecar", "emulated_services", "minimal_manifest"):
+    for name in (
+        "sidecar_factory",
+        "SidecarHarness",
+        "run_sidecar",
+        "emulated_services",
+        "minimal_manifest",
+        "free_port",
+    ):
         assert hasattr(testing, name), f"sidecar.testing.{name} no longer exists; update docs/plugins.md"
         assert f"`{name}" in section, f"sidecar.testing.{name} is not documented"
 

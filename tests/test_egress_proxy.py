@@ -55,7 +55,7 @@ from sidecar.net.egress import (
     upstream_from_settings,
 )
 from sidecar.net.policy import EgressPolicy
-from tests.ports import free_port
+from sidecar.testing import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ORIGIN_IP = "127.0.0.2"

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
+from sidecar.testing import free_port
 from tests.conftest import ROOT, install_plugin_dist
-from tests.ports import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -34,7 +34,7 @@ from sidecar.net.ingress import start_ingress_bridges
 from sidecar.net.policy import EgressPolicy
 from sidecar.net.streams import start_streams
 from sidecar.net.vsock import AddrInfo, Endpoint
-from tests.ports import free_port
+from sidecar.testing import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = str(ROOT / ".venv" / "bin" / "python")

@@ -30,7 +30,7 @@ from sidecar.aws.imds import (
     wait_for_imds,
 )
 from sidecar.devworld.imds import DevImds
-from tests.ports import free_port
+from sidecar.testing import free_port
 
 TOKEN = "/latest/api/token"
 ROLES = "/latest/meta-data/iam/security-credentials/"

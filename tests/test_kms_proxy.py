@@ -45,7 +45,7 @@ from sidecar.aws.kms_proxy import (
     start_kms_proxy,
     to_json,
 )
-from tests.ports import free_port
+from sidecar.testing import free_port
 
 T = TypeVar("T")
 REGION = "eu-west-1"

@@ -23,7 +23,7 @@ from sidecar.net import vsock, wire
 from sidecar.net.ingress import start_bridges, start_ingress_bridges, vsock_ingress_pairs
 from sidecar.net.streams import LogStream, StatusStream, start_streams
 from sidecar.net.vsock import Endpoint, parse_endpoint
-from tests.ports import free_port
+from sidecar.testing import free_port
 
 # --------------------------------------------------------------------------- endpoints
 

@@ -26,7 +26,7 @@ from vault_fakes import FakeJsonStore
 from plugins.vault_like.durations import go_duration, parse_go_duration
 from plugins.vault_like.kv import KvV2, merge_patch, rfc3339, subkeys
 from plugins.vault_like.logical import LogicalRequest, LogicalResponse, Operation, VaultError
-from tests.ports import free_port as _free_port
+from sidecar.testing import free_port as _free_port
 
 Doc = dict[str, Any]
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z$")

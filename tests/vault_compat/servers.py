@@ -25,7 +25,7 @@ import pytest
 import requests
 import yaml
 
-from tests.ports import free_port
+from sidecar.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVERS = ("openbao", "vault_like")
