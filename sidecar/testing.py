@@ -169,10 +169,10 @@ async def sidecar_factory(tmp_path: Path) -> AsyncIterator[SidecarFactory]:
 #
 # Why not ``bind(("127.0.0.1", 0))`` and close: that hands out a port from the kernel's ephemeral
 # range, which every outgoing connection and every ``port=0`` listener (moto, the dev world's IMDS,
-# KMS and S3) also draws from. Between the probe closing and the child binding, one of them can take
-# it, and the child then exits with "address already in use" (seen in this repository's CI). Ports below the
-# ephemeral range are never handed out by the kernel, so only another explicit choice can collide,
-# and this process never gives the same port twice.
+# KMS and S3) also draws from. Between the probe closing and the child binding, one of them can
+# take it, and the child then exits with "address already in use" (this repository's CI lost a run
+# to it). The kernel never hands out ports below the ephemeral range by itself, so there only
+# another explicit choice can collide, and this process never gives the same port twice.
 
 _FALLBACK_EPHEMERAL = (32768, 60999)
 _LOWEST = 10000  # clear of well-known and commonly configured service ports
