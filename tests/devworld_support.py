@@ -30,8 +30,8 @@ from sidecar.aws.imds import ImdsClient, botocore_session
 from sidecar.aws.kms import AttestedKms
 from sidecar.devworld.world import DevWorld
 from sidecar.recipient import RecipientKey
+from sidecar.testing import free_port
 from tests.conftest import ROOT
-from tests.test_example_plugin import free_port
 
 # =========================================================================== in-process world
 

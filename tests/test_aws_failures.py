@@ -17,7 +17,8 @@ from botocore.exceptions import ClientError
 from botocore.session import Session
 
 from sidecar.aws.clients import ClientFactory
-from tests.test_example_plugin import free_port, get, write_configs
+from sidecar.testing import free_port
+from tests.test_example_plugin import get, write_configs
 
 S3_ERROR = b"<?xml version='1.0'?><Error><Code>{code}</Code><Message>injected</Message></Error>"
 

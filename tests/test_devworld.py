@@ -27,8 +27,9 @@ from sidecar.aws.imds import ImdsClient, botocore_session
 from sidecar.aws.kms import AttestedKms
 from sidecar.devworld.world import KEY_ALIAS, DevWorld
 from sidecar.recipient import RecipientKey
+from sidecar.testing import free_port
 from tests.conftest import ROOT
-from tests.test_example_plugin import free_port, get
+from tests.test_example_plugin import get
 
 pytestmark = pytest.mark.slow
 

@@ -32,8 +32,9 @@ from sidecar.supervise import (
     exit_code_of,
     signal_name,
 )
+from sidecar.testing import free_port
 from tests.conftest import install_plugin_dist
-from tests.test_example_plugin import env_with, free_port, wait_for, write_configs
+from tests.test_example_plugin import env_with, wait_for, write_configs
 
 PY = sys.executable
 
