@@ -33,7 +33,7 @@ from sidecar.context import PluginContext, Services
 from sidecar.logs import REQUEST_ID_HEADER, AccessLogSink, access_logger_class, event
 from sidecar.parsers import PythonParserAppRunner, needs_python_parser
 from sidecar.plugins import CORE_PLUGINS, PluginError, PluginInfo, call_plugin
-from sidecar.routes import Handler, Listener, Route
+from sidecar.routes import ErrorResponse, Handler, Listener, Route
 from sidecar.schema import Map, SchemaError
 
 if TYPE_CHECKING:
@@ -488,7 +488,14 @@ def create_app(runtime: Runtime, listener: Listener, primary: bool = False) -> w
         app.router.add_get(path, wrap_core(runtime, listener, core, settings.max_body_bytes))
     for plugin, route in routes:
         limit = route.max_body_bytes or settings.max_body_bytes
-        added = add(route.method.upper(), route.path, route.handler, limit, plugin=runtime.plugins[plugin])
+        added = add(
+            route.method.upper(),
+            route.path,
+            route.handler,
+            limit,
+            plugin=runtime.plugins[plugin],
+            error_response=route.error_response,
+        )
         if route.sensitive:
             app[SENSITIVE].add(added.resource)
     # Registered last and at the root, so it only sees requests no other route took.
@@ -519,11 +526,13 @@ def wrap_handler(
     limit: int,
     app_limit: int,
     plugin: PluginState | None = None,
+    error_response: ErrorResponse | None = None,
 ) -> Handler:
     """One route's handler with request id, body limit, readiness gate and error boundary.
 
     This runs on every request, so it does only what each request needs (bench/RESULTS.md): the
     declared length is read only when the request has a body, and the header name is an ``istr``.
+    The errors it answers itself are shaped by the route's ``error_response`` (see :class:`Route`).
     """
     next_id = runtime.request_ids.__next__
     clone = limit != app_limit  # aiohttp enforces one limit per app on read; a smaller one needs its own
@@ -535,15 +544,14 @@ def wrap_handler(
         response: web.StreamResponse
         try:
             if plugin is not None and plugin.status is not started:
-                response = json_error(
-                    503, f"plugin {plugin.name!r} is not ready", request_id, state=plugin.status.value
-                )
+                message = f"plugin {plugin.name!r} is not ready"
+                response = refuse(503, message, request_id, error_response, state=plugin.status.value)
             elif request.body_exists and (request.content_length or 0) > limit:
-                response = too_large(limit, request_id)
+                response = too_large(limit, request_id, error_response)
             else:
                 response = await handler(request.clone(client_max_size=limit) if clone else request)
         except Exception as exc:  # CancelledError is a BaseException: cancellation passes through
-            response = failure(exc, request, request_id, listener, limit)
+            response = failure(exc, request, request_id, listener, limit, error_response)
         response.headers[REQUEST_ID_HEADER] = request_id
         return response
 
@@ -578,11 +586,16 @@ def wrap_core(runtime: Runtime, listener: Listener, handler: CoreHandler, limit:
 
 
 def failure(
-    exc: Exception, request: web.Request, request_id: str, listener: Listener, limit: int
+    exc: Exception,
+    request: web.Request,
+    request_id: str,
+    listener: Listener,
+    limit: int,
+    error_response: ErrorResponse | None = None,
 ) -> web.StreamResponse:
     """The error boundary: aiohttp's HTTP errors become JSON; anything else is a 500 with no detail."""
     if isinstance(exc, web.HTTPException):
-        return as_json(exc, request_id, limit)
+        return as_json(exc, request_id, limit, error_response)
     resource = request.match_info.route.resource
     log.error(
         "unhandled_error",
@@ -596,21 +609,41 @@ def failure(
             }
         },
     )
-    return json_error(500, "internal error", request_id)
+    return refuse(500, "internal error", request_id, error_response)
 
 
-def too_large(limit: int, request_id: str) -> web.Response:
-    return json_error(413, f"request body too large: the limit is {limit} bytes", request_id, limit=limit)
+def refuse(
+    status: int, message: str, request_id: str, error_response: ErrorResponse | None, **extra: Any
+) -> web.StreamResponse:
+    """An error the sidecar answers for a route: in the route's own shape if it has one, else ours.
+
+    A plugin's renderer that fails must not turn a clear error into aiohttp's bare 500: it is
+    logged (by type) and the sidecar's shape is used instead.
+    """
+    if error_response is not None:
+        try:
+            return error_response(status, message)
+        except Exception as exc:
+            event(log, logging.ERROR, "error_response_failed", request_id=request_id,
+                  status=status, error=type(exc).__name__)  # fmt: skip
+    return json_error(status, message, request_id, **extra)
 
 
-def as_json(exc: web.HTTPException, request_id: str, limit: int) -> web.StreamResponse:
+def too_large(limit: int, request_id: str, error_response: ErrorResponse | None = None) -> web.StreamResponse:
+    message = f"request body too large: the limit is {limit} bytes"
+    return refuse(413, message, request_id, error_response, limit=limit)
+
+
+def as_json(
+    exc: web.HTTPException, request_id: str, limit: int, error_response: ErrorResponse | None = None
+) -> web.StreamResponse:
     """aiohttp's own errors (413, ...) become JSON; a plugin's custom error body is kept."""
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        return too_large(limit, request_id)
+        return too_large(limit, request_id, error_response)
     if exc.status < 400 or (exc.text is not None and exc.text != f"{exc.status}: {exc.reason}"):
         # Redirects, and a plugin's own error bodies, pass through untouched.
         return web.Response(status=exc.status, reason=exc.reason, body=exc.body, headers=exc.headers)
-    response = json_error(exc.status, exc.reason.lower(), request_id)
+    response = refuse(exc.status, exc.reason.lower(), request_id, error_response)
     for name in ("Allow", "Retry-After"):
         if name in exc.headers:
             response.headers[name] = exc.headers[name]

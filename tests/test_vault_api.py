@@ -405,13 +405,27 @@ async def test_malformed_bodies_are_400_with_vaults_prefix(vault: Vault) -> None
     assert (await vault.call("GET", "secret/data/m"))[0] == 404
 
 
-async def test_oversized_body_is_413_json(start_vault: Starter) -> None:
+async def test_oversized_body_is_413_in_vaults_shape(start_vault: Starter) -> None:
+    """Threat: a client exhausting memory with a huge body. It is refused before it is read, and
+    clients (hvac, the bao CLI) get Vault's own 413 error whether the size was declared
+    (Content-Length: the sidecar refuses it before the handler, shaped by the route's
+    ``error_response``) or only discovered while reading (chunked: the handler refuses it)."""
     v = await start_vault(config={"max_request_bytes": 4096})
     await v.init()
-    big = {"data": {"k": "x" * 10_000}}
-    status, body, headers = await v.call("POST", "secret/data/big", big)
-    assert status == 413 and headers["Content-Type"] == JSON
-    assert "too large" in json.dumps(body)
+    big = json.dumps({"data": {"k": "x" * 10_000}}).encode()
+    status, body, headers = await v.call("POST", "secret/data/big", raw=big)
+    assert (status, body) == (413, {"errors": ["http: request body too large"]})
+    assert headers["Content-Type"] == JSON and headers["X-Request-Id"]
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(big), 1000):
+            yield big[start : start + 1000]
+
+    async with v.harness.session.post(
+        v.harness.url("/v1/secret/data/big"), data=chunks(), headers={"X-Vault-Token": v.token}
+    ) as resp:
+        assert resp.request_info.headers.get("Transfer-Encoding") == "chunked"
+        assert (resp.status, await resp.json()) == (413, {"errors": ["http: request body too large"]})
     assert (await v.call("GET", "secret/data/big"))[0] == 404
 
 

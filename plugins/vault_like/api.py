@@ -93,6 +93,20 @@ def error_body(errors: list[str]) -> bytes:
     return dumps({"errors": errors})
 
 
+def sidecar_error(status: int, message: str) -> web.Response:
+    """The errors the sidecar answers on vault_like's routes, in Vault's ``{"errors": [...]}`` shape.
+
+    A body over ``max_request_bytes`` is refused by the sidecar before the handler runs when its
+    Content-Length says so; OpenBao answers that with exactly this 413 body, and so do we (a
+    chunked body over the limit reaches :meth:`VaultApi.handle`, which answers the same).
+    """
+    if status == 413:
+        return respond(413, TOO_LARGE)
+    if status == 500:
+        return respond(500, INTERNAL)
+    return respond(status, error_body([message]))
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -211,6 +225,7 @@ class VaultApi:
                 sensitive=True,
                 max_body_bytes=limit,
                 name=f"vault_{method.lower()}",
+                error_response=sidecar_error,
             )
             for method in METHODS
         ]

@@ -143,6 +143,19 @@ def test_bad_write_bodies_are_400(server: VaultServer, name: str) -> None:
     assert errors(server.request("GET", f"secret/data/{name}"), 404) == []
 
 
+def test_body_over_the_request_limit_is_413(server: VaultServer, client: hvac.Client, name: str) -> None:
+    # Threat: memory exhaustion by one huge write. Both refuse it with the same 413 error that hvac
+    # reports, and nothing is written. The limits differ: OpenBao's listener default is 32 MiB,
+    # vault_like's ``max_request_bytes`` 1 MiB; this body is over both.
+    huge = "x" * (33 * 1024 * 1024)
+    assert errors(server.request("POST", f"secret/data/{name}", {"data": {"k": huge}}), 413) == [
+        "http: request body too large"
+    ]
+    with pytest.raises(hvac.exceptions.VaultError, match="http: request body too large"):
+        client.secrets.kv.v2.create_or_update_secret(path=name, secret={"k": huge})
+    assert errors(server.request("GET", f"secret/data/{name}"), 404) == []
+
+
 def test_cas(server: VaultServer, client: hvac.Client, name: str) -> None:
     assert client.secrets.kv.v2.create_or_update_secret(name, {"a": 1}, cas=0)["data"]["version"] == 1
     found = errors(
