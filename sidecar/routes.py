@@ -42,9 +42,10 @@ class Route:
     ``error_response`` shapes the errors the sidecar itself answers for this route: 413 (body too
     large), 503 (the plugin is not ready), 500 (the handler raised), and aiohttp's HTTP errors
     raised without a body of their own. It receives the status and a message that is safe to show
-    and returns the response; the sidecar still adds ``X-Request-Id``. Without it these errors are
-    the sidecar's ``{"error": ..., "request_id": ...}``; a plugin speaking a protocol whose
-    clients expect another shape (Vault's ``{"errors": [...]}``) gives its own.
+    and returns a new response (aiohttp sends a response once); the sidecar still adds
+    ``X-Request-Id``. Without it these errors are the sidecar's ``{"error": ..., "request_id":
+    ...}``; a plugin speaking a protocol whose clients expect another shape (Vault's
+    ``{"errors": [...]}``) gives its own.
     """
 
     method: str

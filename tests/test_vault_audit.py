@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from plugins.vault_like.audit import AuditError, AuditLog, Hasher
+from plugins.vault_like.audit_sinks import FileSink
 from tests.vault_http_support import Starter, Vault, vault_starter
 
 
@@ -100,16 +101,16 @@ async def test_the_audit_log_is_private(vault: Vault) -> None:
 async def test_an_unwritable_audit_log_refuses_the_request_before_it_runs(vault: Vault) -> None:
     # Fail closed: a request that cannot be audited must not happen.
     audit = vault.service.audit
-    assert audit is not None
-    audit.close()
-    audit.path = Path("/dev/full")  # every write fails with ENOSPC
-    audit.open()
+    assert audit is not None and isinstance(audit.sink, FileSink)
+    await audit.close()
+    audit.sink.path = Path("/dev/full")  # every write fails with ENOSPC
+    await audit.open()
     status, body, headers = await vault.call("POST", "secret/data/unaudited", {"data": {"k": "v"}})
     assert (status, body) == (500, {"errors": ["audit log unavailable"]})
     assert headers["Content-Type"] == "application/json"
-    audit.close()
-    audit.path = vault.state_dir / "vault-audit.log"
-    audit.open()
+    await audit.close()
+    audit.sink.path = vault.state_dir / "vault-audit.log"
+    await audit.open()
     assert (await vault.call("GET", "secret/data/unaudited"))[0] == 404  # the write never ran
     # Unauthenticated health checks do not depend on the audit log.
     assert (await vault.call("GET", "sys/health", token=None))[0] == 200
@@ -121,7 +122,7 @@ async def test_an_unwritable_response_entry_withholds_the_answer(
     # The secret must not leave without its response entry.
     await vault.call("POST", "secret/data/held", {"data": {"k": "held-value"}})
 
-    def broken(*args: Any, **kwargs: Any) -> None:
+    async def broken(*args: Any, **kwargs: Any) -> None:
         raise AuditError("disk gone")
 
     monkeypatch.setattr(AuditLog, "log_response", broken)

@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import boto3
 import hvac
 import hvac.exceptions
 import pytest
@@ -33,7 +34,7 @@ import plugins.vault_like as vault_like
 from plugins.vault_like.devworld import KEY_FILE, prepare_dev_world
 from sidecar.attestation.emulator import DevPki
 from sidecar.context import PluginContext, Services
-from sidecar.devworld.world import DevWorld
+from sidecar.devworld.world import ADMIN, DevWorld
 from sidecar.testing import SidecarHarness, run_sidecar
 from tests.conftest import ROOT, install_plugin_dist
 from tests.devworld_support import (
@@ -191,12 +192,16 @@ def prepare_dev_world(world, context):
 """
 
 SECRET = "e2e-secret-value-7f3a91"
+AUDIT_BUCKET = "vault-e2e-audit"  # prepare_dev_world makes it, as an operator would in AWS
 KEY_NAME = "e2e-key-name-c4d2"
 
 
 def settings(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     plugins: dict[str, Any] = {
-        "vault_like": {"listen_port": "INGRESS", "config": {"key_id": "alias/vault-e2e"}},
+        "vault_like": {
+            "listen_port": "INGRESS",
+            "config": {"key_id": "alias/vault-e2e", "audit_log": f"s3://{AUDIT_BUCKET}/trail"},
+        },
         **(extra or {}),
     }
     return {
@@ -222,6 +227,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     try:
         first_dir = tmp_path_factory.mktemp("vault-first")
         first = start("first", first_dir, settings(), env)
+        result["first_dir"] = first_dir
         started.append(first)
         result["first_ready"] = wait_settled(first, "vault_like")
         state = first_dir / "state"
@@ -246,6 +252,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             result["limited"] = "allowed"
         except hvac.exceptions.Forbidden:
             result["limited"] = "forbidden"
+        result["audit"] = audit_objects(first.moto_url)  # the dev world's S3 ends with the process
         stop_all([first])
         result["first_log"] = first.log()
 
@@ -260,6 +267,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         yield result
     finally:
         stop_all(started)
+
+
+def audit_objects(moto_url: str) -> dict[str, str]:
+    s3 = boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1", **ADMIN)
+    listed = s3.list_objects_v2(Bucket=AUDIT_BUCKET, Prefix="trail/").get("Contents", [])
+    return {
+        o["Key"]: s3.get_object(Bucket=AUDIT_BUCKET, Key=o["Key"])["Body"].read().decode() for o in listed
+    }
 
 
 def test_first_start_initialises_and_serves_hvac(runs: dict[str, Any]) -> None:
@@ -277,6 +292,18 @@ def test_the_log_holds_neither_secrets_nor_the_root_token(runs: dict[str, Any]) 
     assert runs["token"] not in log
     assert SECRET not in log
     assert KEY_NAME not in log  # secret paths are sensitive: the access log shows the route pattern
+
+
+def test_the_audit_trail_is_in_s3_through_the_sidecars_aws_clients(runs: dict[str, Any]) -> None:
+    # Threat: an enclave's disk is its memory; the trail must outlive it, and hold no secret.
+    objects = runs["audit"]
+    assert objects and all(key.startswith("trail/") and key.endswith(".jsonl") for key in objects)
+    entries = [json.loads(line) for text in objects.values() for line in text.splitlines()]
+    writes = [e for e in entries if e["request"]["path"] == f"secret/data/{KEY_NAME}"]
+    assert {e["type"] for e in writes} == {"request", "response"}
+    everything = "".join(objects.values())
+    assert SECRET not in everything and runs["token"] not in everything
+    assert not (runs["first_dir"] / "state" / "vault-audit.log").exists()
 
 
 def test_restart_unseals_with_the_restored_dev_key(runs: dict[str, Any]) -> None:

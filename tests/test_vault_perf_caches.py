@@ -16,6 +16,7 @@ import pytest
 
 from plugins.vault_like.api import uuid4_strings
 from plugins.vault_like.audit import AuditLog
+from plugins.vault_like.audit_sinks import FileSink
 from plugins.vault_like.barrier import Barrier, JsonStore
 from plugins.vault_like.kv import KvV2
 from plugins.vault_like.logical import LogicalRequest, VaultError
@@ -352,8 +353,8 @@ async def test_audit_blocks_are_rendered_once_and_entries_keep_their_shape(tmp_p
     token = await tokens.create_root()
     entry = await tokens.lookup(token)
     assert entry is not None
-    audit = AuditLog(tmp_path / "audit.log", logging.getLogger("test"))
-    audit.open()
+    audit = AuditLog(FileSink(tmp_path / "audit.log", logging.getLogger("test")), logging.getLogger("test"))
+    await audit.open()
     audit.set_salt(os.urandom(32))
     auth = audit.auth_block(token, entry)
     assert audit.auth_block(token, await tokens.lookup(token)) is auth  # one per token
@@ -375,11 +376,11 @@ async def test_audit_blocks_are_rendered_once_and_entries_keep_their_shape(tmp_p
             remote="127.0.0.1",
             auth=auth,
         )
-        audit.log_request(auth, request)  # renders the request block...
+        await audit.log_request(auth, request)  # renders the request block...
         request["operation"] = "create" if operation == "update" else operation  # ...a change drops it
-        audit.log_response(auth, request, status=200, data={"v": "secret"})
+        await audit.log_response(auth, request, status=200, data={"v": "secret"})
         blocks.append(request)
-    audit.close()
+    await audit.close()
     lines = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
     assert [(e["type"], e["request"]["id"]) for e in lines] == [
         ("request", "id-0"),

@@ -134,12 +134,13 @@ async def vault_starter(tmp_path: Path) -> AsyncIterator[Starter]:
             kms: FakeKms | None = None,
             config: dict[str, Any] | None = None,
             nsm: Any = None,
+            aws: Callable[..., Any] | None = None,
         ) -> Vault:
             state = state or tmp_path / "state"
             state.mkdir(exist_ok=True)
             kms = kms or FakeKms()
             services = Services()
-            services.kms, services.nsm = kms, nsm
+            services.kms, services.nsm, services.aws = kms, nsm, aws
             harness = await stack.enter_async_context(
                 run_sidecar(
                     state_dir=state,

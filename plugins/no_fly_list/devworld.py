@@ -72,7 +72,7 @@ def _prepare(world: DevWorld, context: PluginContext) -> None:
         if _object_exists(s3, where.bucket, where.key):
             event(context.log, logging.INFO, "no_fly_demo_kept", envelope=location)
             return
-        _ensure_bucket(s3, where.bucket, world.region)
+        world.ensure_bucket(where.bucket)
         kms = world.admin("kms")
         _ensure_key(world, kms, key_id)
         sealed = seal_names(kms, key_id, demo_names())
@@ -104,19 +104,6 @@ def _object_exists(s3: Any, bucket: str, key: str) -> bool:
             return False
         raise
     return True
-
-
-def _ensure_bucket(s3: Any, bucket: str, region: str) -> None:
-    try:
-        s3.head_bucket(Bucket=bucket)
-        return
-    except ClientError as exc:
-        if str(exc.response.get("Error", {}).get("Code")) not in _MISSING:
-            raise
-    if region == "us-east-1":  # S3 refuses a LocationConstraint naming us-east-1
-        s3.create_bucket(Bucket=bucket)
-    else:
-        s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": region})
 
 
 def _ensure_key(world: DevWorld, kms: Any, key_id: str) -> None:

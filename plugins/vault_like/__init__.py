@@ -44,7 +44,8 @@ def register_config_schema() -> Map:
             ),
             "audit_log": Str(
                 default="vault-audit.log",
-                doc="the JSON-lines audit log (relative to state_dir); an empty string turns auditing off",
+                doc="the JSON-lines audit log: a file (relative to state_dir), or s3://BUCKET/PREFIX "
+                "for objects that outlive an enclave; an empty string turns auditing off",
             ),
             "max_request_bytes": Int(
                 min=1024, max=32 * 1024 * 1024, default=1024 * 1024, doc="largest request body accepted"

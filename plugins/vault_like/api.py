@@ -337,7 +337,7 @@ class VaultApi:
 
         if entry is None:
             error = VaultError(403, "permission denied")
-            self._audit(auth_block, request_block, error=error)
+            await self._audit(auth_block, request_block, error=error)
             return self._render_error(error, request_id)
         if entry.num_uses:
             await state.tokens.use(entry)  # spent before the ACL check, as in Vault
@@ -352,27 +352,27 @@ class VaultApi:
             acl = await state.tokens.acl_for(entry)
             if not acl.allowed(path, operation, sudo=path in SUDO_PATHS):
                 error = permission_denied()
-                self._audit(auth_block, request_block, error=error)
+                await self._audit(auth_block, request_block, error=error)
                 return self._render_error(error, request_id)
         if backend is None:
             error = VaultError(404, f'no handler for route "{path}". route entry not found.')
-            self._audit(auth_block, request_block, error=error)
+            await self._audit(auth_block, request_block, error=error)
             return self._render_error(error, request_id)
 
         if audit is not None:
             try:
-                audit.log_request(auth_block, request_block)
+                await audit.log_request(auth_block, request_block)
             except AuditError:
                 return respond(500, AUDIT_FAILED)  # nothing ran: fail closed
         try:
             response = await backend.handle(logical)
         except VaultError as exc:
-            self._audit_response(
+            await self._audit_response(
                 auth_block, request_block, exc.status, exc.data, None, None, _error_text(exc)
             )
             return self._render_error(exc, request_id)
         status = response.status or (200 if _has_body(response) else 204)
-        self._audit_response(
+        await self._audit_response(
             auth_block, request_block, status, response.data, response.auth, response.warnings, ""
         )
         legacy = mount_type == "system" and is_legacy(relative)
@@ -410,19 +410,19 @@ class VaultApi:
 
     # ------------------------------------------------------------------ audit
 
-    def _audit(self, auth: dict[str, Any], request: dict[str, Any], error: VaultError) -> None:
+    async def _audit(self, auth: dict[str, Any], request: dict[str, Any], error: VaultError) -> None:
         """A request refused before any backend ran: both entries, best effort (nothing ran)."""
         audit = self.service.audit
         if audit is None:
             return
         text = _error_text(error)
         try:
-            audit.log_request(auth, request, error=text)
-            audit.log_response(auth, request, status=error.status, error=text)
+            await audit.log_request(auth, request, error=text)
+            await audit.log_response(auth, request, status=error.status, error=text)
         except AuditError:
             pass  # the refusal stands either way; the failure itself is logged by the audit log
 
-    def _audit_response(
+    async def _audit_response(
         self,
         auth: dict[str, Any],
         request: dict[str, Any],
@@ -437,7 +437,7 @@ class VaultApi:
             return
         # AuditError propagates: the answer is withheld (the handler renders a 500 below).
         try:
-            audit.log_response(
+            await audit.log_response(
                 auth,
                 request,
                 status=status,

@@ -8,30 +8,26 @@ in Vault.
 
 The log fails closed: when a request's entry cannot be written the request is refused before it
 runs, and when its response entry cannot be written the answer is withheld (the client gets a 500).
-Writes are single ``os.write`` calls on an ``O_APPEND`` descriptor, so concurrent entries never
-interleave; there is no buffering that could lose an acknowledged request's entry on a crash.
+Where the lines go (a file, or S3 for an enclave) is the sink's business: :mod:`.audit_sinks`.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import logging
-import os
 import secrets
-import stat
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.hmac import HMAC
 
-from sidecar.logs import event, iso_ms
+from sidecar.logs import iso_ms
 
 if TYPE_CHECKING:
+    from plugins.vault_like.audit_sinks import AuditSink
     from plugins.vault_like.barrier import JsonStore
 
 DEVICE: Final = "file"  # the one audit device; its name in sys/audit-hash/NAME, as Vault's default
@@ -44,7 +40,7 @@ _encode: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, def
 
 
 class AuditError(Exception):
-    """An entry could not be written. The message names the file and the OS error, never a value."""
+    """An entry could not be written. The message names the sink and the error, never a value."""
 
 
 async def load_salt(core: JsonStore) -> bytes:
@@ -131,34 +127,22 @@ def _json_of(part: Mapping[str, Any]) -> str:
 
 
 class AuditLog:
-    """The JSON-lines audit file. ``hasher`` is set once the barrier is unsealed (the salt lives there)."""
+    """The JSON-lines audit log. ``hasher`` is set once the barrier is unsealed (the salt lives there)."""
 
-    def __init__(self, path: Path, log: logging.Logger) -> None:
-        self.path = path
+    def __init__(self, sink: AuditSink, log: logging.Logger) -> None:
+        self.sink = sink
         self.log = log
         self.hasher: Hasher | None = None
-        self._fd: int | None = None
         # token hash -> (accessor, issue time, its auth block): a token's block never changes.
         self._auth: dict[str, tuple[str, float, Block]] = {}
         self._clock: tuple[int, str] = (0, "")
 
-    def open(self) -> None:
-        """Open (create, mode 0600) the file for appending. Raises :class:`AuditError`."""
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise AuditError(f"cannot open the audit log {self.path}: {exc.strerror or exc}") from None
-        with contextlib.suppress(OSError):
-            if stat.S_ISREG(os.fstat(fd).st_mode):  # never chmod a device (/dev/stdout...)
-                os.fchmod(fd, 0o600)  # a file left by an older run keeps no wider mode
-        self.close()
-        self._fd = fd
+    async def open(self) -> None:
+        """Make the sink ready. Raises :class:`AuditError`."""
+        await self.sink.open()
 
-    def close(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
+    async def close(self) -> None:
+        await self.sink.close()
 
     def set_salt(self, salt: bytes) -> None:
         self.hasher = Hasher(salt)
@@ -170,29 +154,12 @@ class AuditLog:
             raise AuditError("the audit salt is not loaded (the store is sealed)")
         return self.hasher.digest(value)
 
-    def write(self, entry: dict[str, Any]) -> None:
+    async def write(self, entry: dict[str, Any]) -> None:
         """Append one entry. Raises :class:`AuditError` when it cannot be written in full."""
-        self._append(_encode(entry))
+        await self._append(_encode(entry))
 
-    def _append(self, text: str) -> None:
-        line = (text + "\n").encode("utf-8", "surrogatepass")
-        fd = self._fd
-        if fd is None:
-            raise AuditError("the audit log is not open")
-        try:
-            view = memoryview(line)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-        except OSError as exc:
-            event(
-                self.log,
-                logging.ERROR,
-                "vault_audit_failed",
-                path=str(self.path),
-                error=exc.strerror or str(exc),
-            )
-            raise AuditError(f"cannot write the audit log: {exc.strerror or exc}") from None
+    async def _append(self, text: str) -> None:
+        await self.sink.append((text + "\n").encode("utf-8", "surrogatepass"))
 
     # ------------------------------------------------------------------ entries
 
@@ -265,8 +232,8 @@ class AuditLog:
             remote_address=remote or "",
         )
 
-    def log_request(self, auth: Mapping[str, Any], request: Mapping[str, Any], error: str = "") -> None:
-        self._append(
+    async def log_request(self, auth: Mapping[str, Any], request: Mapping[str, Any], error: str = "") -> None:
+        await self._append(
             f'{{"time":"{self._now()}","type":"request","auth":{_json_of(auth)},'
             f'"request":{_json_of(request)},"error":{_encode(error)}}}'
         )
@@ -279,7 +246,7 @@ class AuditLog:
             self._clock = (ms, text)
         return text
 
-    def log_response(
+    async def log_response(
         self,
         auth: Mapping[str, Any],
         request: Mapping[str, Any],
@@ -309,7 +276,7 @@ class AuditLog:
             response["auth"] = hashed
         if warnings:
             response["warnings"] = list(warnings)
-        self._append(
+        await self._append(
             f'{{"time":"{self._now()}","type":"response","auth":{_json_of(auth)},'
             f'"request":{_json_of(request)},"response":{_encode(response)},"error":{_encode(error)}}}'
         )

@@ -11,7 +11,8 @@ dev world's key is kept as AWS keeps it: its id and key material are saved in
 ``STATE_DIR/devworld-vault-kms-key.json`` (0600; dev only, as the dev PKI's root key in the same
 directory) and put back into moto under the same id at the next start, with a policy pinning the
 *current* PCR0 (as an operator updates the policy for a new image). A key that exists already (an
-operator's, or one a test made first) is left alone.
+operator's, or one a test made first) is left alone. The buckets that ``storage: s3``'s ``path``
+and an ``s3://`` ``audit_log`` name are created too.
 """
 
 from __future__ import annotations
@@ -45,8 +46,22 @@ def prepare_dev_world(world: DevWorld, context: PluginContext) -> None:
     key_id: str = context.config.get("key_id") or "alias/vault-like"
     with _botocore_quiet():
         arn = ensure_key(world, key_id, context.state_dir / KEY_FILE, context)
+        for bucket in s3_buckets(context.config):
+            world.ensure_bucket(bucket)
     service_of(context).auto_init = True
     event(context.log, logging.INFO, "vault_dev_key_ready", key=arn, alias=key_id)
+
+
+def s3_buckets(config: dict[str, Any]) -> list[str]:
+    """The buckets the settings name: S3 storage's ``path`` and an S3 ``audit_log``.
+
+    A malformed URL is left to start-up, which says what is wrong with it.
+    """
+    urls = [config.get("audit_log") or ""]
+    if config.get("storage") == "s3":
+        urls.append(config.get("path") or "")
+    buckets = (url[len("s3://") :].partition("/")[0] for url in urls if url.startswith("s3://"))
+    return sorted({bucket for bucket in buckets if bucket})
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from plugins.vault_like.audit import AuditError, AuditLog, load_salt
+from plugins.vault_like.audit_sinks import open_audit_sink
 from plugins.vault_like.logical import VaultError
 from plugins.vault_like.sys_backend import CLUSTER_KEY, MountTable, SysBackend
 from sidecar import __version__
@@ -70,11 +71,8 @@ class VaultService:
         self.key_id: str = config.get("key_id") or "alias/vault-like"
         self.auto_init: bool = bool(config.get("auto_init", False))
         self.storage_type: str = config.get("storage") or "sqlite"
-        audit_path = config.get("audit_log", "vault-audit.log")
-        self.audit: AuditLog | None = None
-        if audit_path:
-            path = Path(audit_path)
-            self.audit = AuditLog(path if path.is_absolute() else context.state_dir / path, self.log)
+        self.audit_log: str = config.get("audit_log", "vault-audit.log")
+        self.audit: AuditLog | None = None  # made at start (an S3 sink needs the AWS clients)
         self.max_request_bytes: int = int(config.get("max_request_bytes") or 1024 * 1024)
         self.version = __version__
         self.build_date = BUILD_DATE
@@ -159,13 +157,17 @@ class VaultService:
         from plugins.vault_like.barrier import Barrier
         from plugins.vault_like.storage import open_storage
 
-        if self.audit is not None:
+        if self.audit_log:
             try:
-                self.audit.open()
-            except AuditError as exc:
+                sink = open_audit_sink(self.audit_log, self.context.state_dir, self.context.aws, self.log)
+                audit = AuditLog(sink, self.log)
+                await audit.open()
+            except (AuditError, ValueError, ServiceNotConfigured) as exc:
                 # Fail closed: without its audit log the store serves nothing but sys/health & co.
-                self._sealed_because(str(exc))
+                reason = str(exc) if isinstance(exc, AuditError) else f"audit log unavailable: {exc}"
+                self._sealed_because(reason)
                 return
+            self.audit = audit
         try:
             self.storage = open_storage(self.context.config, self.context.state_dir, self.context.aws)
         except (ValueError, ServiceNotConfigured, OSError) as exc:
@@ -204,7 +206,7 @@ class VaultService:
             with contextlib.suppress(Exception):
                 await self.storage.close()
         if self.audit is not None:
-            self.audit.close()
+            await self.audit.close()
 
     def _sealed_because(self, reason: str) -> None:
         self.reason = reason
@@ -259,7 +261,7 @@ class VaultService:
         if not isinstance(self.context.services.nsm, NsmDevice):
             return []  # the dev world or a test: the state directory is a real disk
         kept = ["storage"] if self.storage_type == "sqlite" else []
-        if self.audit is not None and not str(self.audit.path).startswith("/dev/"):
+        if self.audit is not None and self.audit.sink.in_enclave_memory:
             kept.append("audit_log")
         return kept
 

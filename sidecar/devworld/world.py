@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import boto3
+from botocore.exceptions import ClientError
 from cryptography import x509
 from moto.server import ThreadedMotoServer
 
@@ -76,6 +77,20 @@ class DevWorld:
         """A client straight to moto (not through the front), for setting the world up."""
         url = self.moto_url
         return boto3.client(service, endpoint_url=url, region_name=self.region, **ADMIN)
+
+    def ensure_bucket(self, bucket: str) -> None:
+        """Create ``bucket`` in the world's S3 unless it exists (what an operator does beforehand)."""
+        s3 = self.admin("s3")
+        try:
+            s3.head_bucket(Bucket=bucket)
+            return
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code")) not in ("404", "NoSuchBucket", "NotFound"):
+                raise
+        if self.region == "us-east-1":  # S3 refuses a LocationConstraint naming us-east-1
+            s3.create_bucket(Bucket=bucket)
+        else:
+            s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": self.region})
 
     def create_key(self, pcr0_hex: str, alias: str | None = None) -> str:
         """A symmetric key only an enclave measuring to ``pcr0_hex`` may use."""

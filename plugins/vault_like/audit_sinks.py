@@ -1,0 +1,240 @@
+"""Where audit entries go: a local file, or S3 (durable outside the enclave).
+
+Both fail closed the same way: :meth:`append` returns only once the entry is written, and raises
+:class:`~.audit.AuditError` when it cannot be. The caller (:mod:`.api`) then refuses the request
+before it runs, or withholds its answer.
+
+- :class:`FileSink` appends each line with single ``os.write`` calls on an ``O_APPEND`` descriptor,
+  so concurrent entries never interleave; there is no buffering that could lose an acknowledged
+  request's entry on a crash. Inside an enclave a file lives in the enclave's memory.
+- :class:`S3AuditSink` is for the enclave: its filesystem goes when it stops, S3 does not. Entries
+  are group-committed: while one ``PutObject`` is in flight the entries that arrive wait and go out
+  together in the next, so a request waits for about one S3 round trip (two: its request entry,
+  then its response entry) however many run at once. Each batch is a new object (JSON lines) named
+  ``PREFIX/<UTC time>-<boot id>-<sequence>.jsonl``, written with ``If-None-Match: *`` so no batch
+  ever replaces another; sorting the keys orders them in time, and the sequence shows a gap if an
+  object is deleted. Audit entries hash every secret (HMAC-SHA256 under the store's salt), so the
+  bucket holds no secret; still, give the enclave's role ``s3:PutObject`` only on that prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import stat
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from plugins.vault_like.audit import AuditError
+from sidecar.logs import event
+
+# One PutObject carries at most this much; what arrives meanwhile waits for the next.
+MAX_BATCH_BYTES: Final = 8 * 1024 * 1024
+
+
+class AuditSink(Protocol):
+    """Where :class:`~.audit.AuditLog` writes its lines."""
+
+    @property
+    def where(self) -> str:
+        """Where the entries go (a path or an s3:// URL), for messages; never a value."""
+
+    @property
+    def in_enclave_memory(self) -> bool:
+        """Whether the entries live only in this machine's memory when it is an enclave."""
+
+    async def open(self) -> None:
+        """Make ready to append, or raise :class:`AuditError` saying why not."""
+
+    async def append(self, line: bytes) -> None:
+        """Write one line (ending in a newline); return once it is written, or raise AuditError."""
+
+    async def close(self) -> None:
+        """Finish what is in flight and release the sink."""
+
+
+class FileSink:
+    """JSON lines appended to a file (created with mode 0600), or to a device such as /dev/stdout."""
+
+    def __init__(self, path: Path, log: logging.Logger) -> None:
+        self.path = path
+        self.log = log
+        self._fd: int | None = None
+
+    @property
+    def where(self) -> str:
+        return str(self.path)
+
+    @property
+    def in_enclave_memory(self) -> bool:
+        return not self.where.startswith("/dev/")  # a device (the console) leaves the enclave
+
+    async def open(self) -> None:
+        self.open_now()
+
+    def open_now(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise AuditError(f"cannot open the audit log {self.path}: {exc.strerror or exc}") from None
+        with contextlib.suppress(OSError):
+            if stat.S_ISREG(os.fstat(fd).st_mode):  # never chmod a device (/dev/stdout...)
+                os.fchmod(fd, 0o600)  # a file left by an older run keeps no wider mode
+        self.close_now()
+        self._fd = fd
+
+    async def append(self, line: bytes) -> None:
+        fd = self._fd
+        if fd is None:
+            raise AuditError("the audit log is not open")
+        try:
+            view = memoryview(line)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+        except OSError as exc:
+            event(
+                self.log, logging.ERROR, "vault_audit_failed", path=self.where, error=exc.strerror or str(exc)
+            )
+            raise AuditError(f"cannot write the audit log: {exc.strerror or exc}") from None
+
+    async def close(self) -> None:
+        self.close_now()
+
+    def close_now(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+class S3AuditSink:
+    """JSON lines in new S3 objects under ``s3://bucket/prefix``, group-committed (module docstring).
+
+    boto3 blocks, so each PutObject runs in a worker thread; one is in flight at a time.
+    """
+
+    in_enclave_memory = False
+
+    def __init__(self, client: Any, bucket: str, prefix: str, log: logging.Logger) -> None:
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix
+        self.log = log
+        self.where = f"s3://{bucket}/{prefix}"
+        # A boot id keeps two processes (a restart, a replica) from ever choosing the same key.
+        self._boot = secrets.token_hex(6)
+        self._sequence = 0
+        self._lines: list[bytes] = []
+        self._size = 0
+        self._waiters: list[asyncio.Future[None]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._open = False
+
+    async def open(self) -> None:
+        """Check the bucket can be reached now, so a wrong bucket or role fails start-up, not requests."""
+
+        def call() -> None:
+            self.client.head_bucket(Bucket=self.bucket)
+
+        try:
+            await asyncio.to_thread(call)
+        except (BotoCoreError, ClientError) as exc:
+            raise AuditError(f"cannot reach the audit bucket {self.where}: {_reason(exc)}") from None
+        self._open = True
+
+    async def append(self, line: bytes) -> None:
+        if not self._open:
+            raise AuditError("the audit log is not open")
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._lines.append(line)
+        self._size += len(line)
+        self._waiters.append(waiter)
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush(), name="vault_like audit")
+        # shield: a client that goes away must not cancel the batch other requests wait on.
+        await asyncio.shield(waiter)
+
+    async def _flush(self) -> None:
+        try:
+            while self._lines:
+                lines, waiters = self._take_batch()
+                try:
+                    await self._put(b"".join(lines))
+                except AuditError as exc:
+                    for waiter in waiters:
+                        if not waiter.done():
+                            waiter.set_exception(exc)
+                else:
+                    for waiter in waiters:
+                        if not waiter.done():
+                            waiter.set_result(None)
+        finally:
+            self._flusher = None
+
+    def _take_batch(self) -> tuple[list[bytes], list[asyncio.Future[None]]]:
+        count, size = 0, 0
+        for line in self._lines:
+            if count and size + len(line) > MAX_BATCH_BYTES:
+                break
+            count, size = count + 1, size + len(line)
+        lines, self._lines = self._lines[:count], self._lines[count:]
+        waiters, self._waiters = self._waiters[:count], self._waiters[count:]
+        self._size -= size
+        return lines, waiters
+
+    async def _put(self, body: bytes) -> None:
+        self._sequence += 1
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f".{time.time_ns() // 1_000_000 % 1000:03d}Z"
+        key = f"{self.prefix}{stamp}-{self._boot}-{self._sequence:010d}.jsonl"
+
+        def call() -> None:
+            self.client.put_object(
+                Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*", ContentType="application/x-ndjson"
+            )
+
+        try:
+            await asyncio.to_thread(call)
+        except (BotoCoreError, ClientError) as exc:
+            reason = _reason(exc)
+            event(self.log, logging.ERROR, "vault_audit_failed", path=self.where, error=reason)
+            raise AuditError(f"cannot write the audit log: S3 PutObject failed ({reason})") from None
+
+    async def close(self) -> None:
+        """Wait for the entries already accepted; then refuse new ones."""
+        flusher = self._flusher
+        if flusher is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(flusher)
+        self._open = False
+
+
+def _reason(exc: Exception) -> str:
+    """An AWS error's code (AccessDenied, NoSuchBucket...) or type: no request ids, no values."""
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code")
+        return str(code) if code else "ClientError"
+    return type(exc).__name__
+
+
+def open_audit_sink(where: str, state_dir: Path, aws: Callable[[str], Any], log: logging.Logger) -> AuditSink:
+    """The sink for the ``audit_log`` setting: ``s3://bucket/prefix``, or a file (relative to ``state_dir``).
+
+    Raises ValueError for an s3:// URL without a bucket.
+    """
+    if where.startswith("s3://"):
+        bucket, _, prefix = where[len("s3://") :].partition("/")
+        if not bucket:
+            raise ValueError("audit_log s3://bucket/prefix needs a bucket")
+        return S3AuditSink(aws("s3"), bucket, prefix, log)
+    path = Path(where)
+    return FileSink(path if path.is_absolute() else state_dir / path, log)
