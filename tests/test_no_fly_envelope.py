@@ -58,8 +58,12 @@ def b64(data: bytes) -> str:
 
 
 def original_app_envelope(payload: str, key: bytes = KEY) -> bytes:
-    """What the original app's sealer wrote: Fernet under base64(data key), the token as text."""
-    token = Fernet(base64.b64encode(key)).encrypt(payload.encode("utf-8"))
+    """What the original app's sealer wrote: Fernet under base64(data key), the token as text.
+
+    The original encoded the key with ``base64.b64encode``; cryptography 51 accepts only the
+    URL-safe alphabet, which encodes the same 32 key bytes, so the tests use that.
+    """
+    token = Fernet(base64.urlsafe_b64encode(key)).encrypt(payload.encode("utf-8"))
     return dump({"data-key-ciphertext-base64": b64(BLOB), "aes-ciphertext-base64": token.decode()})
 
 
@@ -113,9 +117,11 @@ def test_original_app_envelope_opens() -> None:
 def test_seal_fernet_envelope_is_readable_by_the_original_app_code() -> None:
     document = doc(seal_fernet_envelope(b"bigbird,elmo", KEY, BLOB))
     assert set(document) == {"data-key-ciphertext-base64", "aes-ciphertext-base64"}
-    # The original: Fernet(base64.b64encode(key)).decrypt(envelope["aes-ciphertext-base64"].encode())
+    # The original: Fernet(base64.b64encode(key)).decrypt(envelope["aes-ciphertext-base64"].encode()),
+    # with the URL-safe alphabet that cryptography 51 requires (the same key bytes).
     assert (
-        Fernet(base64.b64encode(KEY)).decrypt(document["aes-ciphertext-base64"].encode()) == b"bigbird,elmo"
+        Fernet(base64.urlsafe_b64encode(KEY)).decrypt(document["aes-ciphertext-base64"].encode())
+        == b"bigbird,elmo"
     )
 
 
