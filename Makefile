@@ -12,13 +12,17 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# Stamps re-install when pyproject.toml changes.
-$(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+# Stamps re-install when pyproject.toml or the pins change. The runtime dependencies are installed at
+# the versions the image ships (deploy/constraints.txt), so the tests run on the code that is measured
+# into PCR0; the dev and test tools are not pinned there and come at their newest.
+PINS := --constraint deploy/constraints.txt
+
+$(VENV)/.dev-installed: pyproject.toml deploy/constraints.txt | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]' $(PINS)
 	touch $@
 
-$(VENV)/.test-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[dev,test]'
+$(VENV)/.test-installed: pyproject.toml deploy/constraints.txt | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev,test]' $(PINS)
 	touch $@
 
 run: $(VENV)/.dev-installed
@@ -37,8 +41,8 @@ format: $(VENV)/.test-installed
 	$(BIN)/ruff format sidecar plugins tests bench
 	$(BIN)/ruff check --fix sidecar plugins tests bench
 
-$(VENV)/.bench-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[dev,test,bench]'
+$(VENV)/.bench-installed: pyproject.toml deploy/constraints.txt | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev,test,bench]' $(PINS)
 	touch $@
 
 # Each script prints its ratios against a baseline measured in the same run (needs wrk on PATH).
