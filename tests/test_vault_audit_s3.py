@@ -7,11 +7,13 @@ batching and cancellation rules against a scripted client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import re
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -238,15 +240,17 @@ async def test_a_client_that_goes_away_does_not_cancel_the_batch_others_wait_on(
 
 def test_open_audit_sink_chooses_by_the_setting(tmp_path: Path) -> None:
     log = logging.getLogger("test")
-    made: list[str] = []
+    made: list[tuple[str, Any]] = []
 
-    def aws(service: str) -> object:
-        made.append(service)
+    def aws(service: str, **kwargs: Any) -> object:
+        made.append((service, kwargs.get("config")))
         return object()
 
     s3 = open_audit_sink("s3://bucket/some/prefix", tmp_path, aws, log)
     assert isinstance(s3, S3AuditSink) and (s3.bucket, s3.prefix) == ("bucket", "some/prefix/")
-    assert made == ["s3"] and not s3.in_enclave_memory
+    # Bounded waits: a request waiting on its audit entry fails in seconds when S3 does not answer.
+    assert made == [("s3", audit_sinks.AUDIT_S3_CONFIG)] and not s3.in_enclave_memory
+    assert audit_sinks.AUDIT_S3_CONFIG.read_timeout == 10 and audit_sinks.AUDIT_S3_CONFIG.connect_timeout == 3
     relative = open_audit_sink("audit.log", tmp_path, aws, log)
     assert relative.where == str(tmp_path / "audit.log") and relative.in_enclave_memory
     assert not open_audit_sink("/dev/stdout", tmp_path, aws, log).in_enclave_memory
@@ -264,3 +268,41 @@ def test_the_dev_world_makes_the_buckets_the_settings_name() -> None:
     assert s3_buckets({"audit_log": "vault-audit.log", "storage": "sqlite", "path": "s3://ignored/y"}) == []
     assert s3_buckets({"audit_log": "s3:///no-bucket", "storage": "s3", "path": "s3://same/a"}) == ["same"]
     assert s3_buckets({"audit_log": "s3://same/b", "storage": "s3", "path": "s3://same/a"}) == ["same"]
+
+
+async def test_an_s3_that_never_answers_fails_in_seconds_not_minutes(
+    start_vault: Starter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Threat: requests piling up for minutes behind an audit write to an S3 that hangs (botocore's
+    # defaults: 60 s reads, retried). The sink's client has short timeouts, so it fails closed fast.
+    from botocore.config import Config
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.read(65536)
+            await asyncio.sleep(30)
+        writer.close()
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    monkeypatch.setattr(
+        audit_sinks,
+        "AUDIT_S3_CONFIG",
+        Config(connect_timeout=1, read_timeout=0.5, retries={"max_attempts": 1}),
+    )
+
+    def hanging(service: str, **kwargs: Any) -> Any:
+        return boto3.client(service, endpoint_url=f"http://127.0.0.1:{port}", **CREDS, **kwargs)
+
+    try:
+        started = time.monotonic()
+        v = await start_vault(config={"audit_log": f"s3://{BUCKET}/p"}, aws=hanging)
+        _, ready = await v.ready()
+        assert time.monotonic() - started < 10
+        assert ready["plugins"]["vault_like"] == (
+            f"cannot reach the audit bucket s3://{BUCKET}/p/: ReadTimeoutError"
+        )
+    finally:
+        server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.wait_closed(), 2)

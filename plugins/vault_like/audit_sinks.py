@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, Protocol
 
+from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from plugins.vault_like.audit import AuditError
@@ -37,6 +38,11 @@ from sidecar.logs import event
 
 # One PutObject carries at most this much; what arrives meanwhile waits for the next.
 MAX_BATCH_BYTES: Final = 8 * 1024 * 1024
+# Requests wait on the audit write, so S3 trouble must fail them in seconds, not after botocore's
+# default 60 s timeouts and retries: at most 3 attempts of 3 s to connect and 10 s to answer.
+AUDIT_S3_CONFIG: Final = Config(
+    connect_timeout=3, read_timeout=10, retries={"mode": "standard", "max_attempts": 3}
+)
 
 
 class AuditSink(Protocol):
@@ -226,7 +232,7 @@ def _reason(exc: Exception) -> str:
     return type(exc).__name__
 
 
-def open_audit_sink(where: str, state_dir: Path, aws: Callable[[str], Any], log: logging.Logger) -> AuditSink:
+def open_audit_sink(where: str, state_dir: Path, aws: Callable[..., Any], log: logging.Logger) -> AuditSink:
     """The sink for the ``audit_log`` setting: ``s3://bucket/prefix``, or a file (relative to ``state_dir``).
 
     Raises ValueError for an s3:// URL without a bucket.
@@ -235,6 +241,6 @@ def open_audit_sink(where: str, state_dir: Path, aws: Callable[[str], Any], log:
         bucket, _, prefix = where[len("s3://") :].partition("/")
         if not bucket:
             raise ValueError("audit_log s3://bucket/prefix needs a bucket")
-        return S3AuditSink(aws("s3"), bucket, prefix, log)
+        return S3AuditSink(aws("s3", config=AUDIT_S3_CONFIG), bucket, prefix, log)
     path = Path(where)
     return FileSink(path if path.is_absolute() else state_dir / path, log)
