@@ -306,3 +306,37 @@ async def test_an_s3_that_never_answers_fails_in_seconds_not_minutes(
         server.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(server.wait_closed(), 2)
+
+
+async def test_an_unforeseen_put_failure_fails_the_waiters_instead_of_hanging_them() -> None:
+    # Threat: a failure outside botocore's exceptions leaving requests waiting forever on entries
+    # that were never written (a hang is a denial of service; an answer without its entry is worse).
+    class Broken(ScriptedS3):
+        def put_object(self, **kwargs: Any) -> dict[str, str]:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+
+    sink = S3AuditSink(Broken(), "b", "p", logging.getLogger("test"))
+    await sink.open()
+    results = await asyncio.wait_for(
+        asyncio.gather(*(sink.append(b"x\n") for _ in range(3)), return_exceptions=True), 5
+    )
+    assert all(isinstance(r, AuditError) and "RuntimeError" in str(r) for r in results)
+    sink.client = ScriptedS3()  # the next batch starts a new flusher and succeeds
+    sink.client.release.set()
+    await asyncio.wait_for(sink.append(b"y\n"), 5)
+    assert sink.client.bodies == [b"y\n"]
+
+
+async def test_closing_during_a_put_fails_the_queued_entries_instead_of_hanging_them() -> None:
+    client = ScriptedS3()
+    sink = S3AuditSink(client, "b", "p", logging.getLogger("test"))
+    await sink.open()
+    first = asyncio.ensure_future(sink.append(b"1\n"))
+    await wait_entered(client)
+    queued = asyncio.ensure_future(sink.append(b"2\n"))
+    await asyncio.sleep(0)
+    assert sink._flusher is not None
+    sink._flusher.cancel()  # what the loop's shutdown does to the task
+    results = await asyncio.wait_for(asyncio.gather(first, queued, return_exceptions=True), 5)
+    assert all(isinstance(r, AuditError) for r in results)
+    client.release.set()

@@ -171,19 +171,33 @@ class S3AuditSink:
         await asyncio.shield(waiter)
 
     async def _flush(self) -> None:
+        """Put batches until none is waiting. Every waiter learns its batch's outcome, whatever it is:
+        a request must never hang on an entry whose write failed in an unforeseen way."""
         try:
             while self._lines:
                 lines, waiters = self._take_batch()
+                outcome: AuditError | None = None
                 try:
                     await self._put(b"".join(lines))
                 except AuditError as exc:
-                    for waiter in waiters:
-                        if not waiter.done():
-                            waiter.set_exception(exc)
-                else:
-                    for waiter in waiters:
-                        if not waiter.done():
-                            waiter.set_result(None)
+                    outcome = exc
+                except Exception as exc:  # not botocore's: still a failed write, still fail closed
+                    event(
+                        self.log,
+                        logging.ERROR,
+                        "vault_audit_failed",
+                        path=self.where,
+                        error=type(exc).__name__,
+                    )
+                    outcome = AuditError(f"cannot write the audit log: {type(exc).__name__}")
+                except BaseException:  # cancelled (shutdown): whether these landed is unknown
+                    _settle(waiters, AuditError("the audit log was closed"))
+                    raise
+                _settle(waiters, outcome)
+        except BaseException:
+            lines_waiting, self._waiters, self._lines, self._size = self._waiters, [], [], 0
+            _settle(lines_waiting, AuditError("the audit log was closed"))
+            raise
         finally:
             self._flusher = None
 
@@ -222,6 +236,16 @@ class S3AuditSink:
             with contextlib.suppress(Exception):
                 await asyncio.shield(flusher)
         self._open = False
+
+
+def _settle(waiters: list[asyncio.Future[None]], error: AuditError | None) -> None:
+    for waiter in waiters:
+        if waiter.done():  # its request was cancelled (a client that went away)
+            continue
+        if error is None:
+            waiter.set_result(None)
+        else:
+            waiter.set_exception(error)
 
 
 def _reason(exc: Exception) -> str:
