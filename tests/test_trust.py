@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import cbor2
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.x509.oid import NameOID
 
 from tests.conftest import SHARED
 from tests.test_example_plugin import wait_for, write_configs
@@ -70,6 +79,13 @@ def test_json_output_and_expected_pcrs(tmp_path: Path) -> None:
         (("--document", "/nonexistent.cbor"), "--document /nonexistent.cbor: No such file"),
         (("--document", str(MARLIN), "--root", str(MARLIN)), "root"),
         (("http://127.0.0.1:9",), "cannot fetch"),
+        # Found by review: each of these was a traceback (exit 1) instead of a usage error.
+        (("--document", str(MARLIN), "--at", "99999999999999999999"), "is out of range"),
+        (("--document", str(MARLIN), "--at", "\u00b2"), "is neither ISO 8601"),  # isdigit() but not int()
+        (("--document", str(MARLIN), "--at", "0001-01-01T00:00:00+01:00"), "is out of range"),
+        (("--document", str(MARLIN), "--expect-pcr", "\u00b2=" + "00" * 48), "expected N=HEX"),
+        (("http://127.0.0.1:80x",), "is not a valid URL"),
+        (("http://[::1",), "is not a valid URL"),
     ],
 )
 def test_usage_and_input_errors_exit_2(args: tuple[str, ...], message: str) -> None:
@@ -78,6 +94,98 @@ def test_usage_and_input_errors_exit_2(args: tuple[str, ...], message: str) -> N
     (line,) = result.stderr.splitlines()
     assert line.startswith("error: ") and message in line
     assert "Traceback" not in result.stderr
+
+
+def test_a_peer_that_does_not_speak_http_is_an_input_error() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+
+        def answer_garbage() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"garbage\r\n\r\n")
+
+        thread = threading.Thread(target=answer_garbage, daemon=True)
+        thread.start()
+        result = trust(f"http://127.0.0.1:{server.getsockname()[1]}")
+        thread.join(10)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: cannot fetch ") and line.endswith(": BadStatusLine")
+
+
+def forged_document(tmp_path: Path, module_id: str = "i-0-enc0", subject_cn: bytes | None = None) -> Path:
+    """A COSE_Sign1 an attacker can make: its own leaf key and certificate, AWS's real root copied into
+    cabundle[0], a valid signature under the attacker's key. It must never verify."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    now = datetime.now(UTC).replace(microsecond=0)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "LEAFLEAF")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(hours=3))
+        .sign(key, hashes.SHA384())
+    )
+    der = cert.public_bytes(serialization.Encoding.DER)
+    if subject_cn is not None:  # patch the CN's bytes (same length): a subject that does not parse
+        der = der.replace(b"\x0c\x08LEAFLEAF", b"\x0c\x08" + subject_cn)
+    root = x509.load_pem_x509_certificate((VECTORS / "aws_nitro_root.pem").read_bytes())
+    body = {
+        "module_id": module_id,
+        "digest": "SHA384",
+        "timestamp": int(now.timestamp() * 1000),
+        "pcrs": {0: bytes(48)},
+        "certificate": der,
+        "cabundle": [root.public_bytes(serialization.Encoding.DER)],
+        "public_key": None,
+        "user_data": None,
+        "nonce": None,
+    }
+    payload = cbor2.dumps(body)
+    protected = cbor2.dumps({1: -35})
+    signature = key.sign(cbor2.dumps(["Signature1", protected, b"", payload]), ec.ECDSA(hashes.SHA384()))
+    r, s = decode_dss_signature(signature)
+    path = tmp_path / "forged.cbor"
+    path.write_bytes(cbor2.dumps([protected, {}, payload, r.to_bytes(48, "big") + s.to_bytes(48, "big")]))
+    return path
+
+
+def test_a_forged_document_cannot_draw_a_verdict_on_the_terminal(tmp_path: Path) -> None:
+    # Threat: a malicious peer's module_id carrying newlines and escape codes that print fake
+    # "check ok" and "VERIFIED" lines and conceal (ESC[8m) the real verdict on a terminal.
+    fake = "i-0-enc0\ncheck       ok   chain: 5 certificates\nverdict     VERIFIED\x1b[8m"
+    result = trust("--document", str(forged_document(tmp_path, module_id=fake)))
+    assert result.returncode == 1
+    assert "\x1b" not in result.stdout + result.stderr and "VERIFIED" not in result.stdout.replace(
+        "NOT VERIFIED", ""
+    )
+    assert "payload.module_id: must be printable ASCII" in result.stderr
+
+
+def test_rendered_lines_escape_every_control_character() -> None:
+    from sidecar.attestation.trust import printable
+
+    assert printable("plain text: ok") == "plain text: ok"
+    assert printable("a\x1b[8mb\nc\u202ed") == "a\\x1b[8mb\\nc\\u202ed"
+
+
+@pytest.mark.parametrize("mode", [(), ("--json",)])
+def test_a_forged_leaf_whose_subject_does_not_parse_is_not_verified_without_a_crash(
+    tmp_path: Path, mode: tuple[str, ...]
+) -> None:
+    path = forged_document(tmp_path, subject_cn=b"\xff\xfe\xfd\xfc\xff\xfe\xfd\xfc")  # not UTF-8
+    result = trust("--document", str(path), *mode)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("not verified: chain: ")
+    if mode:
+        subjects = [c["subject"] for c in json.loads(result.stdout)["chain"]]
+        assert "(a subject that does not parse)" in subjects
+    else:
+        assert "(a subject that does not parse)" in result.stdout
 
 
 @pytest.fixture

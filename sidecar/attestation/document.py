@@ -205,6 +205,9 @@ def _parse_payload(payload: bytes) -> dict[str, Any]:
         raise DocumentError(f"payload.module_id: expected a text string, got {_kind(module_id)}")
     if not module_id:
         raise DocumentError("payload.module_id: must not be empty")
+    if not (module_id.isascii() and module_id.isprintable()):
+        # AWS's ids are like i-0123...-enc0123...; control characters could forge terminal output.
+        raise DocumentError("payload.module_id: must be printable ASCII")
 
     digest = body["digest"]
     if not isinstance(digest, str):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
 import secrets
 import urllib.error
 import urllib.parse
@@ -29,20 +30,22 @@ class TrustInputError(Exception):
 
 def parse_time(text: str) -> datetime:
     """ISO 8601 (``2024-08-07T08:00:00Z``; no zone means UTC) or milliseconds since the epoch."""
-    if text.isdigit():
-        return datetime.fromtimestamp(int(text) / 1000, tz=UTC)
     try:
+        if text.isascii() and text.isdigit():  # isdigit() alone takes "²", which int() refuses
+            return datetime.fromtimestamp(int(text) / 1000, tz=UTC)
         value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC)
     except ValueError:
         raise TrustInputError(f"--at {text!r} is neither ISO 8601 nor milliseconds since the epoch") from None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+    except (OverflowError, OSError):
+        raise TrustInputError(f"--at {text!r} is out of range") from None
 
 
 def parse_expected_pcrs(items: tuple[str, ...]) -> dict[int, bytes]:
     pcrs: dict[int, bytes] = {}
     for item in items:
         index, sep, value = item.partition("=")
-        if not sep or not index.strip().isdigit():
+        if not sep or not (index.strip().isascii() and index.strip().isdigit()):
             raise TrustInputError(f"--expect-pcr {item!r}: expected N=HEX")
         try:
             data = bytes.fromhex(value.strip())
@@ -55,7 +58,11 @@ def parse_expected_pcrs(items: tuple[str, ...]) -> dict[int, bytes]:
 
 
 def attestation_url(url: str, nonce: bytes) -> str:
-    parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+    try:
+        parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError as exc:
+        raise TrustInputError(f"{url!r} is not a valid URL: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise TrustInputError(f"{url!r} is not an http(s) URL")
     path = parts.path if parts.path not in ("", "/") else "/enclave/attestation"
@@ -73,6 +80,8 @@ def fetch_document(url: str, nonce: bytes, timeout: float = 10.0) -> bytes:
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise TrustInputError(f"cannot fetch {target}: {reason}") from None
+    except (http.client.HTTPException, ValueError) as exc:  # not HTTP (a garbage status line), a bad URL
+        raise TrustInputError(f"cannot fetch {target}: {type(exc).__name__}") from None
     if len(body) > MAX_DOCUMENT_BYTES:
         raise TrustInputError(f"{target} sent more than {MAX_DOCUMENT_BYTES} bytes")
     return body
@@ -148,7 +157,7 @@ def render_text(report: TrustReport) -> str:
             lines.append(f"nonce       {doc.nonce.hex()}")
     for cert in result.chain:
         lines.append(
-            f"chain       {cert.subject.rfc4514_string()}  "
+            f"chain       {subject_of(cert)}  "
             f"{cert.not_valid_before_utc.isoformat()} .. {cert.not_valid_after_utc.isoformat()}"
         )
     for item in report.checks:
@@ -157,7 +166,24 @@ def render_text(report: TrustReport) -> str:
     lines.append(
         f"verdict     {'VERIFIED' if report.ok else 'NOT VERIFIED: ' + (report.failure or '')} (at {at})"
     )
-    return "\n".join(lines)
+    # What is printed comes from the document (a forgery's too): no control character may reach the
+    # terminal, where it could draw a fake verdict or hide the real one.
+    return "\n".join(printable(line) for line in lines)
+
+
+def printable(text: str) -> str:
+    """``text`` with every non-printable character escaped as in a Python literal (``\\x1b``)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def subject_of(cert: Any) -> str:
+    """A certificate's subject (RFC 4514), or a placeholder when a forged one does not parse."""
+    try:
+        return str(cert.subject.rfc4514_string())
+    except ValueError:
+        return "(a subject that does not parse)"
 
 
 def render_json(report: TrustReport) -> dict[str, Any]:
@@ -171,7 +197,7 @@ def render_json(report: TrustReport) -> dict[str, Any]:
         "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in report.checks],
         "chain": [
             {
-                "subject": c.subject.rfc4514_string(),
+                "subject": subject_of(c),
                 "not_before": c.not_valid_before_utc.isoformat(),
                 "not_after": c.not_valid_after_utc.isoformat(),
             }

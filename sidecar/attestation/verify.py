@@ -284,7 +284,10 @@ def _check_at(at: datetime | None) -> datetime:
         raise VerificationError(f"at must be a datetime, got {type(at).__name__}")
     if at.tzinfo is None or at.utcoffset() is None:
         raise VerificationError("at must be timezone-aware (a naive datetime is ambiguous)")
-    return at.astimezone(UTC)
+    try:
+        return at.astimezone(UTC)
+    except OverflowError:  # year 1 at +01:00 is before the first UTC instant datetime can hold
+        raise VerificationError(f"at {at.isoformat()} is out of range in UTC") from None
 
 
 def _check_expectations(expect: Expectations | None) -> Expectations:
