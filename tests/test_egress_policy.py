@@ -538,6 +538,41 @@ def test_check_addresses(
     assert decision.allowed is expected, f"{threat}: {decision.reason}"
 
 
+@pytest.mark.parametrize("address", ["0.0.0.0", "::", "::ffff:0.0.0.0"])
+def test_the_unspecified_address_is_loopback_for_deny_rules(address: str) -> None:
+    """Threat (found by review): Linux delivers a connection to 0.0.0.0 or :: to loopback, so an
+    allowed name resolving to it, or the literal under a broad IP allow, reached the parent's or the
+    enclave's local services past a deny of 127.0.0.0/8 and ::1."""
+    policy = EgressPolicy(["**.example.com", "0.0.0.0/0", "::/0"], ["127.0.0.0/8", "::1"])
+    by_name = policy.check_addresses("rebound.example.com", 443, [address])
+    assert not by_name.allowed and "denied by deny rule" in by_name.reason, by_name.reason
+    literal = policy.check(f"[{address}]" if ":" in address else address, 443)
+    assert not literal.allowed, literal.reason
+    # With no loopback deny rule the address stays what the allow rules make it (no new refusals).
+    assert EgressPolicy(["0.0.0.0/0"], []).check("0.0.0.0", 443).allowed
+
+
+@pytest.mark.parametrize("allow", [["**"], ["*"], ["*:443"]])
+def test_only_a_rule_naming_host_lets_the_parent_open_its_own_loopback(allow: list[str]) -> None:
+    from sidecar.net import wire
+    from sidecar.net.policy import only_a_named_rule_allows
+
+    decision = EgressPolicy(allow, []).check("host", 443)
+    assert decision.allowed  # the policy alone would let a wildcard reach "host"
+    refused = only_a_named_rule_allows(decision, wire.OUTSIDE_HOST, wire.OUTSIDE_HOST_REASON)
+    assert not refused.allowed
+    assert (
+        refused.reason
+        == "denied: 'host' is the parent's own loopback; only an allow rule naming 'host' permits it"
+    )
+    for named in (["host"], ["host:443"]):
+        kept = EgressPolicy(named, []).check("HOST", 443)
+        assert only_a_named_rule_allows(kept, wire.OUTSIDE_HOST, wire.OUTSIDE_HOST_REASON) == kept
+        assert kept.allowed
+    other = EgressPolicy(["**"], []).check("api.example.com", 443)
+    assert only_a_named_rule_allows(other, wire.OUTSIDE_HOST, wire.OUTSIDE_HOST_REASON) == other
+
+
 def test_check_addresses_reason() -> None:
     d = EgressPolicy(["**.example.com"], ["10.0.0.0/8"]).check_addresses("db.example.com", 5432, ["10.0.0.5"])
     assert d.rule == "10.0.0.0/8"

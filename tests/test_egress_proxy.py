@@ -738,6 +738,33 @@ async def test_incomplete_head_times_out_with_408(make_proxy: ProxyFactory) -> N
     assert answer.status == 408 and b"no complete request head" in answer.body
 
 
+async def test_a_head_trickled_a_byte_at_a_time_still_times_out(make_proxy: ProxyFactory) -> None:
+    """Threat (found by review): the timeout restarted at every byte, so a client sending one byte
+    just inside it held a connection slot for max_header_bytes x request_timeout."""
+    proxy = await make_proxy(request_timeout=0.5)
+
+    def trickle() -> bytes:
+        with socket.create_connection(("127.0.0.1", proxy.port)) as s:
+            s.settimeout(0.2)
+            started = time.monotonic()
+            for byte in b"GET http://127.0.0.2/ HTTP/1.1\r\nHost: 127.0.0.2\r\nX-Slow: " + b"a" * 100:
+                try:
+                    s.sendall(bytes([byte]))
+                    answer = s.recv(100)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return b""
+                if answer:
+                    assert time.monotonic() - started < 3
+                    return answer
+                return b""
+            return b"never refused"
+
+    answer = await asyncio.to_thread(trickle)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+
+
 async def test_silent_client_is_closed_after_request_timeout(make_proxy: ProxyFactory) -> None:
     proxy = await make_proxy(request_timeout=0.3)
     with socket.create_connection(("127.0.0.1", proxy.port)) as s:
@@ -1218,6 +1245,51 @@ def test_upstream_from_settings() -> None:
 def test_http_proxy_upstream_url_errors(url: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         HttpProxyUpstream(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://u:S3cret@p:99999",
+        "https://u:S3cret@p:3128",
+        "http://u:S3cret@p:3128/x",
+        "socks5://u:S3cret@p:1",
+    ],
+)
+def test_upstream_errors_never_show_the_proxy_password(url: str) -> None:
+    """Threat (found by review): the error, printed and logged, carried the proxy's password."""
+    from dataclasses import replace
+
+    from sidecar.config import NetworkSettings
+
+    with pytest.raises(ValueError) as info:
+        upstream_from_settings(replace(NetworkSettings(), upstream=url))
+    assert "S3cret" not in str(info.value) and "***@p" in str(info.value)
+
+
+async def test_the_started_event_names_the_upstream_without_its_password(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import contextlib
+    import types
+
+    from sidecar.config import NetworkSettings
+    from sidecar.net import plugin
+    from sidecar.net.policy import EgressPolicy
+
+    setup = plugin.NetworkSetup(
+        policy=EgressPolicy([], []),
+        proxy_port=0,
+        network=NetworkSettings(upstream="http://proxyuser:S3cretPassw0rd@127.0.0.1:3128"),
+    )
+    services = types.SimpleNamespace(extra={plugin.SETUP_KEY: setup}, http=None, status_listeners=[])
+    context = types.SimpleNamespace(services=services)
+    with caplog.at_level(logging.INFO, logger="sidecar.net"):
+        async with contextlib.asynccontextmanager(plugin.lifespan)(context):
+            pass
+    started = next(r for r in caplog.records if r.getMessage() == "egress_proxy_started")
+    assert started.sidecar_fields["upstream"] == "http://127.0.0.1:3128"  # type: ignore[attr-defined]
+    assert "S3cret" not in caplog.text
 
 
 # ----------------------------------------------------------------------------- sidecar egress serve

@@ -127,6 +127,17 @@ async def test_host_means_the_parents_loopback(tmp_path: Path) -> None:
         assert await fetch(e.endpoint, "HOST", o.port) == o.payload
 
 
+@pytest.mark.parametrize("allow", [["**"], ["*"]])
+async def test_a_wildcard_does_not_open_the_parents_loopback(tmp_path: Path, allow: list[str]) -> None:
+    """Threat (found by review): a compromised enclave app that speaks this protocol itself asks for
+    "host"; the enclave's proxy refuses a wildcard for it, and the parent must too."""
+    async with origin(1000) as o, egress(tmp_path, EgressPolicy(allow, [])) as e:
+        with pytest.raises(wire.ConnectRefused) as info:
+            await fetch(e.endpoint, "host", o.port)
+        assert info.value.os_code == errno.EACCES
+        assert "only an allow rule naming 'host' permits it" in info.value.message
+
+
 async def test_wire_bytes_from_an_enclaver_client_get_enclavers_answer(tmp_path: Path) -> None:
     async with origin(10) as o, egress(tmp_path, None) as e:
         sock = await vsock.connect(e.endpoint)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from sidecar.logs import event
 from sidecar.net import wire
+from sidecar.net.policy import only_a_named_rule_allows
 from sidecar.net.relay import relay
 from sidecar.net.vsock import AddrInfo, Endpoint, Listener, connect_resolved, serve
 
@@ -154,7 +155,11 @@ class HostEgress:
         policy = self.policy
         name = host
         if policy is not None:
-            decision = policy.check(host, port)
+            # As the enclave's proxy: a wildcard must not reach the parent's own loopback ("host"),
+            # even from an enclave app that speaks this protocol itself.
+            decision = only_a_named_rule_allows(
+                policy.check(host, port), wire.OUTSIDE_HOST, wire.OUTSIDE_HOST_REASON
+            )
             if not decision.allowed:
                 self.stats.denied += 1
                 raise _Refusal(

@@ -66,7 +66,7 @@ import h11
 
 from sidecar.logs import event
 from sidecar.net import vsock, wire
-from sidecar.net.policy import Decision, EgressPolicy, PolicyError, parse_rule, parse_target
+from sidecar.net.policy import Decision, EgressPolicy, PolicyError, only_a_named_rule_allows, parse_target
 from sidecar.net.relay import relay
 
 if TYPE_CHECKING:
@@ -250,17 +250,18 @@ class HttpProxyUpstream:
     """
 
     def __init__(self, url: str) -> None:
+        shown = without_credentials(url)  # errors are printed and logged: never the password
         try:
             parts = urlsplit(url)
             port = parts.port
         except ValueError as e:
-            raise ValueError(f"upstream proxy {url!r}: {e}") from None
+            raise ValueError(f"upstream proxy {shown!r}: {e}") from None
         if parts.scheme.lower() != "http":
-            raise ValueError(f"upstream proxy {url!r}: expected http://HOST:PORT")
+            raise ValueError(f"upstream proxy {shown!r}: expected http://HOST:PORT")
         if not parts.hostname or port is None:
-            raise ValueError(f"upstream proxy {url!r}: expected http://HOST:PORT (host and port)")
+            raise ValueError(f"upstream proxy {shown!r}: expected http://HOST:PORT (host and port)")
         if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ValueError(f"upstream proxy {url!r}: a proxy URL has no path, query or fragment")
+            raise ValueError(f"upstream proxy {shown!r}: a proxy URL has no path, query or fragment")
         self._authorization: bytes | None = None
         if parts.username is not None:
             pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
@@ -380,9 +381,20 @@ def upstream_from_settings(settings: NetworkSettings) -> Upstream:
     if text.startswith(("unix:", "tcp:", "vsock:")):
         return VsockUpstream(vsock.parse_endpoint(text))
     raise ValueError(
-        f"network.upstream {text!r}: expected direct, vsock, http://HOST:PORT, or a parent endpoint "
-        "(unix:/PATH, tcp:HOST:PORT, vsock:CID:PORT)"
+        f"network.upstream {without_credentials(text)!r}: expected direct, vsock, http://HOST:PORT, or a "
+        "parent endpoint (unix:/PATH, tcp:HOST:PORT, vsock:CID:PORT)"
     )
+
+
+def without_credentials(url: str) -> str:
+    """``url`` with its ``user:password@`` (if any) shown as ``***@``: for messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, tail = rest.partition("/")
+    if "@" in authority:
+        authority = "***@" + authority.rsplit("@", 1)[1]
+    return f"{scheme}{sep}{authority}{slash}{tail}"
 
 
 def proxy_environment(port: int) -> dict[str, str]:
@@ -627,6 +639,9 @@ class EgressProxy:
         loop = asyncio.get_running_loop()
         limit = self.settings.max_header_bytes
         fed = 0
+        # One deadline for the whole head: a per-read timeout would let a client that sends a byte
+        # now and then hold a connection slot for max_header_bytes x timeout (slow loris).
+        deadline = loop.time() + timeout
         while True:
             try:
                 ev = conn.next_event()
@@ -638,7 +653,7 @@ class EgressProxy:
                 if fed >= limit:
                     raise _Reply(431, f"request head is larger than {limit} bytes", "head too large")
                 try:
-                    async with asyncio.timeout(timeout):
+                    async with asyncio.timeout_at(deadline):
                         data = await loop.sock_recv(client, limit - fed)
                 except TimeoutError:
                     if not fed:
@@ -713,19 +728,8 @@ class EgressProxy:
 
     def _check(self, target: _Target, method: str) -> Decision:
         decision = self.policy.check(target.host, target.port)
-        if decision.allowed and isinstance(self.upstream, VsockUpstream) and target.host == wire.OUTSIDE_HOST:
-            # For the parent, "host" is its own 127.0.0.1 (Enclaver's convention). A wildcard allow
-            # rule must not open the parent's loopback services by accident: only a rule naming it.
-            rule = decision.rule
-            if rule is None or parse_rule(rule).pattern != wire.OUTSIDE_HOST:
-                decision = Decision(
-                    allowed=False,
-                    rule=rule,
-                    reason="denied: 'host' is the parent's own loopback; "
-                    "only an allow rule naming 'host' permits it",
-                    host=target.host,
-                    port=target.port,
-                )
+        if isinstance(self.upstream, VsockUpstream):  # for the parent, "host" is its own 127.0.0.1
+            decision = only_a_named_rule_allows(decision, wire.OUTSIDE_HOST, wire.OUTSIDE_HOST_REASON)
         if not decision.allowed:
             self.stats.denied += 1
             self._log(method, target, 403, decision, 0, 0, time.monotonic())

@@ -86,16 +86,13 @@ async def lifespan(context: PluginContext) -> AsyncIterator[None]:
     async with AsyncExitStack() as stack:
         thread = ProxyThread()
         stack.push_async_callback(thread.stop)
+        upstream = upstream_from_settings(setup.network)
         setup.proxy = await thread.run(
-            start_egress_proxy(
-                setup.policy,
-                port=setup.proxy_port,
-                upstream=upstream_from_settings(setup.network),
-                settings=setup.network,
-            )
+            start_egress_proxy(setup.policy, port=setup.proxy_port, upstream=upstream, settings=setup.network)
         )
         stack.push_async_callback(thread.run, setup.proxy.close())
-        event(log, logging.INFO, "egress_proxy_started", url=setup.proxy_url, upstream=setup.network.upstream)
+        # str(upstream), not the setting: an http:// upstream's setting may carry user:password@.
+        event(log, logging.INFO, "egress_proxy_started", url=setup.proxy_url, upstream=str(upstream))
         # trust_env=False: the proxy is explicit, and NO_PROXY from the environment must not open a
         # path around the policy.
         session = aiohttp.ClientSession(proxy=setup.proxy_url, trust_env=False)

@@ -594,14 +594,21 @@ def _unmapped(address: IPAddress) -> IPAddress:
     return address
 
 
+_LOOPBACK_VIEWS: Final = (ipaddress.IPv4Address("127.0.0.1"), ipaddress.IPv6Address("::1"))
+
+
 def _deny_views(address: IPAddress) -> list[IPAddress]:
     """Every address a packet to ``address`` may be delivered to, for deny rules.
 
-    The address as an IPv4 address when it is IPv4-mapped; the IPv6 address itself; and the IPv4
-    address embedded in a NAT64 (64:ff9b::/96), 6to4 or IPv4-compatible address.
+    The address as an IPv4 address when it is IPv4-mapped; the IPv6 address itself; the IPv4
+    address embedded in a NAT64 (64:ff9b::/96), 6to4 or IPv4-compatible address; and loopback for
+    the unspecified address (Linux delivers a connection to 0.0.0.0 or :: to 127.0.0.1 or ::1, so a
+    rule denying loopback must deny them too).
     """
     primary = _unmapped(address)
     views: list[IPAddress] = [primary]
+    if primary.is_unspecified:
+        views.extend(_LOOPBACK_VIEWS)
     if isinstance(address, ipaddress.IPv6Address):
         bare = ipaddress.IPv6Address(int(address))  # without a zone id
         if primary != bare:
@@ -723,6 +730,22 @@ class EgressPolicy:
                 because = f"resolves to {_unmapped(address)}, denied by deny rule {rule.text!r}"
                 return _decision(False, rule, because, decision.host, port)
         return decision
+
+
+def only_a_named_rule_allows(decision: Decision, name: str, why: str) -> Decision:
+    """``decision``, unless it allowed ``name`` through a rule whose pattern is not exactly ``name``.
+
+    For the special name ``host`` (the parent's own loopback) a wildcard such as ``**`` or ``*:443``
+    must not open the parent's local services by accident: only ``allow: [host]`` (or ``host:PORT``)
+    does. Both the enclave's proxy and the parent's re-check apply this.
+    """
+    if not decision.allowed or decision.host != name:
+        return decision
+    if decision.rule is not None and parse_rule(decision.rule).pattern == name:
+        return decision
+    return _decision(
+        False, None, f"{why}; only an allow rule naming {name!r} permits it", name, decision.port
+    )
 
 
 def _no_allow(near: Rule | None, port: int | None) -> str:

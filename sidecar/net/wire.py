@@ -29,6 +29,7 @@ MAX_MESSAGE = 65535
 MAX_REQUEST = 1024
 MAX_HOST = 253
 OUTSIDE_HOST = "host"  # Enclaver's constants::OUTSIDE_HOST: the parent's loopback
+OUTSIDE_HOST_REASON = "'host' is the parent's own loopback"  # why a wildcard does not allow it
 
 _LENGTH = struct.Struct("<H")
 
