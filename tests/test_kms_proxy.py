@@ -536,13 +536,29 @@ def test_wrong_content_type_is_refused(proxy_url: str) -> None:
     assert error_of(excinfo)[:2] == ("SerializationException", 400)
 
 
-@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'"text"', b"\xff\xfe"])
+@pytest.mark.parametrize(
+    "body",
+    [b"{not json", b"[1, 2]", b'"text"', b"\xff\xfe", b"[" * 100_000],  # the last: RecursionError (review)
+)
 def test_bad_json_is_a_serialization_exception(proxy_url: str, body: bytes) -> None:
     def bad_body(request: Any) -> None:
         request.body = body
 
     with pytest.raises(ClientError) as excinfo:
         mangle(app_kms(proxy_url), bad_body).generate_random(NumberOfBytes=8)
+    assert error_of(excinfo)[:2] == ("SerializationException", 400)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_a_body_that_does_not_decompress_is_a_serialization_exception(proxy_url: str, encoding: str) -> None:
+    """Found by review: aiohttp's decompression error escaped as a 500."""
+
+    def corrupt(request: Any) -> None:
+        request.body = b"\x1f\x8b\x08\x00 this is not compressed data"
+        set_header(request, "Content-Encoding", encoding)
+
+    with pytest.raises(ClientError) as excinfo:
+        mangle(app_kms(proxy_url), corrupt).generate_random(NumberOfBytes=8)
     assert error_of(excinfo)[:2] == ("SerializationException", 400)
 
 
@@ -769,6 +785,9 @@ def test_attested_region_reads_the_client(attested: FakeAttestedKms) -> None:
     assert attested_region(object()) is None  # type: ignore[arg-type]
     assert kms_endpoint("eu-west-1") == "https://kms.eu-west-1.amazonaws.com"
     assert kms_endpoint("cn-north-1") == "https://kms.cn-north-1.amazonaws.com.cn"
+    # Found by review: each partition has its own domain; botocore's endpoint data decides.
+    assert kms_endpoint("us-iso-east-1") == "https://kms.us-iso-east-1.c2s.ic.gov"
+    assert kms_endpoint("eusc-de-east-1") == "https://kms.eusc-de-east-1.amazonaws.eu"
 
 
 async def test_app_factory_holds_its_state_in_an_app_key() -> None:

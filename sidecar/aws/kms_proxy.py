@@ -42,9 +42,11 @@ import asyncio
 import base64
 import binascii
 import datetime
+import functools
 import json
 import logging
 import re
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -53,9 +55,14 @@ from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 import aiohttp
+import botocore.session
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
+from botocore import UNSIGNED
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
+from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -142,10 +149,23 @@ def child_environment(url: str) -> dict[str, str]:
     return dict.fromkeys(ENV_VARS, url)
 
 
+@functools.lru_cache(maxsize=64)
 def kms_endpoint(region: str) -> str:
-    """KMS's public regional endpoint (the China partition has its own domain)."""
-    suffix = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
-    return f"https://kms.{region}.{suffix}"
+    """KMS's public endpoint in ``region``, as botocore resolves it for its own clients.
+
+    Each partition has its own domain (``amazonaws.com.cn``, ``c2s.ic.gov``, ``amazonaws.eu``...), so
+    botocore's endpoint data decides, not a pattern. The client is built only to read its endpoint:
+    unsigned, so no credential lookup runs. Blocking (~15 ms the first time per region).
+    """
+    with _ENDPOINT_LOCK:  # a botocore session is not documented as safe to share between threads
+        client = _ENDPOINT_SESSION.create_client(
+            "kms", region_name=region, config=Config(signature_version=UNSIGNED)
+        )
+    return str(client.meta.endpoint_url)
+
+
+_ENDPOINT_SESSION = botocore.session.get_session()
+_ENDPOINT_LOCK = threading.Lock()
 
 
 def create_kms_proxy_app(kms: KmsCaller, factory: ClientFactory) -> web.Application:
@@ -303,6 +323,8 @@ async def _read_body(request: web.Request) -> bytes:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise _too_large() from None
+    except (RequestPayloadError, HttpProcessingError):  # e.g. a gzip body that does not decompress
+        raise KmsProxyError(400, "SerializationException", "the request body cannot be read") from None
 
 
 def _too_large() -> KmsProxyError:
@@ -316,7 +338,7 @@ def _too_large() -> KmsProxyError:
 def _parse_json(body: bytes) -> dict[str, Any]:
     try:
         params = json.loads(body) if body else {}
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nesting ~1000 deep
         raise KmsProxyError(400, "SerializationException", "the request body is not valid JSON") from None
     if not isinstance(params, dict):
         raise KmsProxyError(400, "SerializationException", "the request body must be a JSON object")
@@ -656,15 +678,17 @@ def _relay(status: int, payload: bytes, content_type: str, upstream_id: str | No
 async def _forward(
     state: ProxyState, request: web.Request, operation: str, region: str, body: bytes
 ) -> web.Response:
-    url = _endpoint(state.factory.endpoints.get("kms"), region)
-    headers = {
+    configured = state.factory.endpoints.get("kms")
+    content_type, target = request.headers["Content-Type"], request.headers["X-Amz-Target"]
+
+    def sign() -> tuple[str, Any]:  # both may block: endpoint resolution, credential refresh
+        url = _endpoint(configured, region)
         # Host is set here, so the signed value and the sent value are the same string.
-        "Host": urlsplit(url).netloc,
-        "Content-Type": request.headers["Content-Type"],
-        "X-Amz-Target": request.headers["X-Amz-Target"],
-    }
+        headers = {"Host": urlsplit(url).netloc, "Content-Type": content_type, "X-Amz-Target": target}
+        return url, _signed_headers(state.factory, url, region, headers, body)
+
     try:
-        signed = await asyncio.to_thread(_signed_headers, state.factory, url, region, headers, body)
+        url, signed = await asyncio.to_thread(sign)
     except BotoCoreError as exc:
         # No credentials (IMDS unreachable or still starting): transient, so 503 and boto3 retries.
         raise KmsProxyError(
