@@ -340,3 +340,40 @@ async def test_closing_during_a_put_fails_the_queued_entries_instead_of_hanging_
     results = await asyncio.wait_for(asyncio.gather(first, queued, return_exceptions=True), 5)
     assert all(isinstance(r, AuditError) for r in results)
     client.release.set()
+
+
+async def test_a_batch_whose_key_exists_is_written_under_a_new_key_never_dropped() -> None:
+    """Threat: a batch lost because its key exists already: botocore retried a PUT whose answer was
+    lost (then the entries appear twice, which is harmless), or someone who can write the prefix
+    guessed the next key to plant a forged batch (then ours must not be dropped in its favour)."""
+    from botocore.exceptions import ClientError
+
+    class Taken(ScriptedS3):
+        def __init__(self, taken: int) -> None:
+            super().__init__()
+            self.taken = taken
+            self.keys: list[str] = []
+            self.release.set()
+
+        def put_object(self, **kwargs: Any) -> dict[str, str]:
+            self.keys.append(kwargs["Key"])
+            if len(self.keys) <= self.taken:
+                error = {
+                    "Error": {"Code": "PreconditionFailed", "Message": "At least one of the pre-conditions"}
+                }
+                raise ClientError(error, "PutObject")  # type: ignore[arg-type]
+            return super().put_object(**kwargs)
+
+    client = Taken(taken=2)
+    sink = S3AuditSink(client, "b", "p", logging.getLogger("test"))
+    await sink.open()
+    await asyncio.wait_for(sink.append(b"entry\n"), 5)
+    assert client.bodies == [b"entry\n"]
+    assert [int(k.rsplit("-", 1)[1].split(".")[0]) for k in client.keys] == [1, 2, 3]  # a new key each time
+
+    always = Taken(taken=99)
+    sink = S3AuditSink(always, "b", "p", logging.getLogger("test"))
+    await sink.open()
+    with pytest.raises(AuditError, match="PreconditionFailed"):
+        await asyncio.wait_for(sink.append(b"entry\n"), 5)
+    assert len(always.keys) == audit_sinks.KEY_ATTEMPTS and always.bodies == []

@@ -38,6 +38,8 @@ from sidecar.logs import event
 
 # One PutObject carries at most this much; what arrives meanwhile waits for the next.
 MAX_BATCH_BYTES: Final = 8 * 1024 * 1024
+# Keys tried for one batch when the chosen one exists already (see S3AuditSink._put).
+KEY_ATTEMPTS: Final = 3
 # Requests wait on the audit write, so S3 trouble must fail them in seconds, not after botocore's
 # default 60 s timeouts and retries: at most 3 attempts of 3 s to connect and 10 s to answer.
 AUDIT_S3_CONFIG: Final = Config(
@@ -213,21 +215,33 @@ class S3AuditSink:
         return lines, waiters
 
     async def _put(self, body: bytes) -> None:
-        self._sequence += 1
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f".{time.time_ns() // 1_000_000 % 1000:03d}Z"
-        key = f"{self.prefix}{stamp}-{self._boot}-{self._sequence:010d}.jsonl"
+        """Write ``body`` as a new object. The key is taken anew when it exists already: botocore
+        retried a PUT whose answer was lost (our own object, now twice), or someone with write access
+        to the prefix guessed the next key. Either way the batch is written under a key of its own:
+        an entry may appear twice, never be lost or replaced."""
+        for _ in range(KEY_ATTEMPTS):
+            self._sequence += 1
+            # One clock reading for both parts: two could straddle a second and sort a batch too early.
+            seconds, nanoseconds = divmod(time.time_ns(), 1_000_000_000)
+            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(seconds)) + f".{nanoseconds // 1_000_000:03d}Z"
+            key = f"{self.prefix}{stamp}-{self._boot}-{self._sequence:010d}.jsonl"
+            try:
+                await asyncio.to_thread(self._put_new, key, body)
+                return
+            except ClientError as exc:
+                reason = _reason(exc)
+                if reason not in ("PreconditionFailed", "412"):
+                    break
+            except BotoCoreError as exc:
+                reason = _reason(exc)
+                break
+        event(self.log, logging.ERROR, "vault_audit_failed", path=self.where, error=reason)
+        raise AuditError(f"cannot write the audit log: S3 PutObject failed ({reason})")
 
-        def call() -> None:
-            self.client.put_object(
-                Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*", ContentType="application/x-ndjson"
-            )
-
-        try:
-            await asyncio.to_thread(call)
-        except (BotoCoreError, ClientError) as exc:
-            reason = _reason(exc)
-            event(self.log, logging.ERROR, "vault_audit_failed", path=self.where, error=reason)
-            raise AuditError(f"cannot write the audit log: S3 PutObject failed ({reason})") from None
+    def _put_new(self, key: str, body: bytes) -> None:
+        self.client.put_object(
+            Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*", ContentType="application/x-ndjson"
+        )
 
     async def close(self) -> None:
         """Wait for the entries already accepted; then refuse new ones."""
