@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,8 @@ SETTINGS_ENV = "SIDECAR_CONFIG"
 MANIFEST_SEARCH = (Path("enclaver.yaml"), Path("/etc/enclaver/enclaver.yaml"))
 SETTINGS_SEARCH = (Path("sidecar.yaml"), Path("/etc/sidecar/sidecar.yaml"))
 MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_VALUES = 100_000  # values in a document once its aliases are expanded
+MAX_SECRET_FILE_BYTES = 64 * 1024  # a {"$file": PATH} reference: a password, a key, a certificate
 
 
 class ConfigError(Exception):
@@ -104,13 +107,41 @@ def load_yaml(path: Path) -> Any:
     except OSError as exc:
         raise ConfigError(path, "", f"cannot read file: {exc.strerror}") from None
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - _StrictLoader is a SafeLoader
+        document = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - _StrictLoader is a SafeLoader
+    except RecursionError:
+        raise ConfigError(path, "", "invalid YAML: nested too deeply") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(path, where, f"invalid YAML: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(path, "", f"invalid YAML: {exc}") from None
+    _check_expanded_size(document, path)
+    return document
+
+
+def _check_expanded_size(document: Any, path: Path) -> None:
+    """Refuse a document whose aliases expand it beyond :data:`MAX_CONFIG_VALUES` values.
+
+    PyYAML shares an aliased node, but everything that walks the result (references, the schema)
+    visits it once per alias: a few hundred bytes of nested aliases would take minutes and
+    gigabytes ("billion laughs"), and an alias inside its own anchor never ends. Counted without
+    recursion, each alias as often as it is used.
+    """
+    stack, count = [document], 0
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise ConfigError(
+                path,
+                "",
+                f"the document expands to more than {MAX_CONFIG_VALUES} values (through YAML aliases?)",
+            )
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 # --------------------------------------------------------------------------- secret references
@@ -136,9 +167,7 @@ def resolve_references(value: Any, base_dir: Path, path: str = "") -> Any:
                 return Secret(os.environ[target])
             file = Path(target) if os.path.isabs(target) else base_dir / target
             try:
-                text = file.read_text(encoding="utf-8")
-            except OSError as exc:
-                raise SchemaError(path, f"cannot read secret file {target}: {exc.strerror}") from None
+                text = read_secret_file(file, target, path).decode("utf-8")
             except UnicodeDecodeError:
                 raise SchemaError(path, f"secret file {target} is not valid UTF-8") from None
             return Secret(text.removesuffix("\n"))
@@ -146,6 +175,33 @@ def resolve_references(value: Any, base_dir: Path, path: str = "") -> Any:
     if isinstance(value, list):
         return [resolve_references(v, base_dir, join(path, i)) for i, v in enumerate(value)]
     return value
+
+
+def read_secret_file(file: Path, shown: str, path: str) -> bytes:
+    """A regular file's bytes, at most :data:`MAX_SECRET_FILE_BYTES`. Never blocks: a FIFO, a device
+    (/dev/zero) or a directory is refused before it is read."""
+    try:
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SchemaError(path, f"cannot read secret file {shown}: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SchemaError(path, f"secret file {shown} is not a regular file")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_SECRET_FILE_BYTES:
+            chunk = os.read(fd, MAX_SECRET_FILE_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise SchemaError(path, f"cannot read secret file {shown}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if size > MAX_SECRET_FILE_BYTES:
+        raise SchemaError(path, f"secret file {shown} is larger than {MAX_SECRET_FILE_BYTES} bytes")
+    return b"".join(chunks)
 
 
 # --------------------------------------------------------------------------- enclaver.yaml
@@ -489,9 +545,24 @@ def parse_settings(data: Any, path: Path | None, manifest: Manifest | None = Non
         network=NetworkSettings(**v["network"]),
         raw=v,
     )
+    check_vsock_ports(settings.network, manifest, label)
     if manifest is not None:
         check_plugin_ports(settings, manifest, label)
     return settings
+
+
+def check_vsock_ports(network: NetworkSettings, manifest: Manifest | None, label: str | Path) -> None:
+    """The enclave's own vsock listeners (status, log, and the ingress ports with ``vsock_ingress``)
+    need distinct ports; two on one port would fail at start-up with "address already in use"."""
+    taken: dict[int, str] = {network.status_vsock_port: "network.status_vsock_port"}
+    # (the key to name in the error, what uses the port)
+    wanted = [("network.log_vsock_port", "network.log_vsock_port", network.log_vsock_port)]
+    if network.vsock_ingress and manifest is not None:
+        wanted += [("network.vsock_ingress", f"ingress port {p}", p) for p in manifest.ingress_ports]
+    for key, user, port in wanted:
+        if port in taken:
+            raise ConfigError(label, key, f"vsock port {port} is already used by {taken[port]}")
+        taken[port] = user
 
 
 def check_plugin_ports(settings: Settings, manifest: Manifest, label: str | Path) -> None:

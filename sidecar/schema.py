@@ -36,6 +36,8 @@ class Secret(str):
 def join(path: str, key: str | int) -> str:
     if isinstance(key, int):
         return f"{path}[{key}]"
+    if not key.isprintable():  # a key is the author's text: a newline must not start a fake error line
+        key = repr(key)
     return f"{path}.{key}" if path else key
 
 

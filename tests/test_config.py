@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -365,6 +366,63 @@ def test_top_level_must_be_a_mapping(tmp_path: Path, text: str, problem: str) ->
     assert_error(error, path, "", problem)
     error, path = settings_error(tmp_path, text)
     assert_error(error, path, "", problem)
+
+
+BOMB = "".join(
+    [f"l0: &l0 [{', '.join(['x'] * 10)}]\n"]
+    + [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]\n" for i in range(1, 9)]
+)
+
+
+@pytest.mark.parametrize("loader", [load_manifest, load_settings], ids=["manifest", "settings"])
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        # Threat (found by review): ~600 bytes of nested aliases expanding to 10^9 values (minutes
+        # of CPU and gigabytes), and an alias inside its own anchor, which never ends.
+        (BOMB, "the document expands to more than 100000 values (through YAML aliases?)"),
+        ("a: &a [*a]\n", "the document expands to more than 100000 values (through YAML aliases?)"),
+        ("a: " + "[" * 5000 + "]" * 5000 + "\n", "invalid YAML: nested too deeply"),
+    ],
+    ids=["alias-bomb", "recursive-alias", "deep-nesting"],
+)
+def test_documents_that_would_exhaust_the_parser_are_refused(
+    tmp_path: Path, loader: Any, text: str, problem: str
+) -> None:
+    path = write(tmp_path, "config.yaml", text)
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as info:
+        loader(path)
+    assert_error(info.value, path, "", problem)
+    assert time.monotonic() - started < 10
+
+
+def test_a_key_with_a_line_break_cannot_forge_a_second_error_line(tmp_path: Path) -> None:
+    error, path = settings_error(tmp_path, {"log": {"x\nerror: fake.yaml: all good": 1}})
+    assert_error(error, path, "log.'x\\nerror: fake.yaml: all good'", "unknown key")
+
+
+@pytest.mark.parametrize(
+    ("network", "key", "problem"),
+    [
+        (
+            {"log_vsock_port": 17000},
+            "network.log_vsock_port",
+            "vsock port 17000 is already used by network.status_vsock_port",
+        ),
+        (
+            {"vsock_ingress": True, "log_vsock_port": 8001},
+            "network.vsock_ingress",
+            "vsock port 8001 is already used by network.log_vsock_port",
+        ),
+    ],
+)
+def test_the_enclaves_vsock_listeners_need_distinct_ports(
+    tmp_path: Path, demo_manifest: Manifest, network: dict[str, Any], key: str, problem: str
+) -> None:
+    # Found by review: accepted, then "address already in use" at start-up.
+    error, path = settings_error(tmp_path, {"network": network}, demo_manifest)
+    assert_error(error, path, key, problem)
 
 
 def test_empty_manifest_reports_the_first_required_key(tmp_path: Path) -> None:
@@ -900,7 +958,11 @@ def test_file_reference_with_an_absolute_path(tmp_path: Path) -> None:
     ("setup", "target", "problem"),
     [
         (None, "missing.txt", "cannot read secret file missing.txt: No such file or directory"),
-        ("dir", "adir", "cannot read secret file adir: Is a directory"),
+        ("dir", "adir", "secret file adir is not a regular file"),
+        # Found by review: a device or a FIFO was read without end (or blocked for ever).
+        ("absolute", "/dev/zero", "secret file /dev/zero is not a regular file"),
+        ("fifo", "fifo", "secret file fifo is not a regular file"),
+        ("large", "large.txt", "secret file large.txt is larger than 65536 bytes"),
         ("latin1", "latin1.txt", "secret file latin1.txt is not valid UTF-8"),
     ],
 )
@@ -909,6 +971,10 @@ def test_unreadable_file_reference(tmp_path: Path, setup: str | None, target: st
         (tmp_path / target).mkdir()
     elif setup == "latin1":
         write(tmp_path, target, b"caf\xe9\n")
+    elif setup == "fifo":
+        os.mkfifo(tmp_path / target)  # opening it for reading would block until a writer came
+    elif setup == "large":
+        write(tmp_path, target, b"x" * (64 * 1024 + 1))
     error, path = settings_error(tmp_path, vault_settings({"$file": target}))
     assert_error(error, path, "plugins.vault_like.config.key_id", problem)
 
