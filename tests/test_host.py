@@ -328,6 +328,7 @@ def test_parse_status() -> None:
     assert parse_status('{"status": "pwned"}') is None
     assert parse_status("[1]") is None
     assert parse_status("not json") is None
+    assert parse_status("[" * 100_000) is None  # RecursionError, not a crash (found by review)
 
 
 async def test_follow_log_waits_for_the_enclave_then_prints_lines(tmp_path: Path) -> None:
@@ -364,7 +365,10 @@ async def test_follow_log_waits_for_the_enclave_then_prints_lines(tmp_path: Path
 async def test_follow_status_reports_valid_lines_and_skips_junk(tmp_path: Path) -> None:
     async def junk_then_exit(sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        await loop.sock_sendall(sock, b"garbage\n" + b"x" * 5000 + b"\n" + b'{"status":"exited","code":4}\n')
+        # Deep nesting once killed the follower for good (RecursionError), so a later "exited" was
+        # never seen and --exit-with-enclave never exited (found by review).
+        junk = b"garbage\n" + b"x" * 5000 + b"\n" + b"[" * 1000 + b"\n"
+        await loop.sock_sendall(sock, junk + b'{"status":"exited","code":4}\n')
         await asyncio.sleep(3600)
 
     server = await vsock.serve(vsock.unix(tmp_path / "status.sock"), junk_then_exit)

@@ -175,6 +175,60 @@ async def test_persistent_401_is_retried_once_only() -> None:
     assert "token-" not in str(caught.value)
 
 
+async def test_a_token_that_is_not_base64_is_refused_without_echoing_it() -> None:
+    """Threat (found by review): a token with CR/LF made http.client raise an error that carried
+    the token, and the start-up loop logged it."""
+
+    async def token(request: web.Request) -> web.Response:
+        return web.Response(text="AQAEAsecret-session-token\r\nX-Evil: 1")
+
+    app = web.Application()
+    app.router.add_put(TOKEN, token)
+    url, cleanup = await serve(app)
+    try:
+        with pytest.raises(ImdsError) as caught:
+            await asyncio.to_thread(ImdsClient(url, sleep=FakeSleep()).region)
+    finally:
+        await cleanup()
+    assert "secret-session-token" not in str(caught.value)
+    assert "the token is not a base64 string" in str(caught.value)
+
+
+async def test_an_answer_that_trickles_or_never_ends_fails_in_time() -> None:
+    """Found by review: the timeout bounded each read only, and the body was read without limit."""
+
+    async def trickle(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Length": "100000"})
+        await response.prepare(request)
+        for _ in range(100_000):
+            await response.write(b" ")
+            await asyncio.sleep(0.2)
+        return response
+
+    async def huge(request: web.Request) -> web.Response:
+        return web.Response(body=b"x" * (1 << 20))
+
+    app = web.Application()
+
+    async def token(request: web.Request) -> web.Response:
+        return web.Response(text="AQAE" + "a" * 40)
+
+    app.router.add_put(TOKEN, token)
+    app.router.add_get(REGION, trickle)
+    app.router.add_get(ROLES, huge)
+    url, cleanup = await serve(app)
+    try:
+        client = ImdsClient(url, timeout=1.0, retries=0, sleep=FakeSleep())
+        started = time.monotonic()
+        with pytest.raises(ImdsError, match="did not arrive within 1 s"):
+            await asyncio.to_thread(client.region)
+        assert time.monotonic() - started < 5
+        with pytest.raises(ImdsError, match="larger than 65536 bytes"):
+            await asyncio.to_thread(client.role)
+    finally:
+        await cleanup()
+
+
 async def test_other_4xx_is_final(imds: DevImds) -> None:
     sleep = FakeSleep()
     client = ImdsClient(imds.url, sleep=sleep)

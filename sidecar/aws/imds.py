@@ -20,6 +20,7 @@ import datetime
 import http.client
 import json
 import logging
+import re
 import threading
 import time
 import urllib.error
@@ -41,6 +42,9 @@ TOKEN_PATH = "/latest/api/token"  # noqa: S105 - a path, not a secret
 CREDENTIALS_PATH = "/latest/meta-data/iam/security-credentials/"
 REGION_PATH = "/latest/meta-data/placement/region"
 TOKEN_HEADER = "X-aws-ec2-metadata-token"  # noqa: S105 - a header name
+# What an IMDSv2 session token looks like (base64); anything else is refused before use.
+_TOKEN_SHAPE = re.compile(r"[A-Za-z0-9+/=_-]{1,1024}")
+MAX_ANSWER_BYTES = 64 * 1024  # IMDS's answers are a few hundred bytes
 TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
 MAX_TOKEN_TTL = 21600
 TOKEN_MARGIN = 60.0  # re-fetch the token this long before IMDS would start answering 401
@@ -163,9 +167,10 @@ class ImdsClient:
             # The scheme is checked in __init__ (http only), so this cannot open file: or ftp: URLs.
             url = self.endpoint + path
             request = urllib.request.Request(url, method=method, headers=headers)  # noqa: S310
+            deadline = self._clock() + self.timeout
             try:
                 with self._opener.open(request, timeout=self.timeout) as response:
-                    return _Response(response.status, response.read(), attempt)
+                    return _Response(response.status, self._read_body(response, deadline), attempt)
             except urllib.error.HTTPError as exc:
                 # Keep the start of the body: a 403 from the egress proxy says which rule refused.
                 body = exc.read(300)
@@ -177,9 +182,27 @@ class ImdsClient:
                 status, reason = None, f"connection error: {exc.reason}"
             except (OSError, http.client.HTTPException) as exc:  # timeouts, resets, garbled answers
                 status, reason = None, f"connection error: {exc.__class__.__name__}: {exc}"
+            except ValueError as exc:  # e.g. a header value http.client refuses: never echo it (a token)
+                status, reason = None, f"invalid request or answer: {exc.__class__.__name__}"
             if attempt < attempts:
                 self._sleep(self.backoff * 2 ** (attempt - 1))
         raise ImdsError(step, reason, attempts, status)
+
+    def _read_body(self, response: http.client.HTTPResponse, deadline: float) -> bytes:
+        """The body, at most MAX_ANSWER_BYTES, arriving by ``deadline``: the socket timeout bounds
+        each read, not a server that sends a byte now and then."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            if self._clock() > deadline:
+                raise TimeoutError(f"the answer did not arrive within {self.timeout:g} s")
+            chunk = response.read1(min(16384, MAX_ANSWER_BYTES + 1 - size))
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_ANSWER_BYTES:
+                raise http.client.HTTPException(f"the answer is larger than {MAX_ANSWER_BYTES} bytes")
 
     def token(self) -> str:
         """The session token, fetched once and reused until shortly before its TTL runs out."""
@@ -190,7 +213,12 @@ class ImdsClient:
             response = self._send("PUT", TOKEN_PATH, {TTL_HEADER: str(self.token_ttl)}, "token (PUT)")
             if response.status != 200 or not response.body:
                 raise ImdsError("token (PUT)", response.problem(), response.attempts, response.status)
-            self._token = response.body.decode("ascii", "replace").strip()
+            token = response.body.decode("ascii", "replace").strip()
+            if not _TOKEN_SHAPE.fullmatch(token):
+                # It goes into a header next: CR/LF would split it (and http.client's error would
+                # echo it into the log). Say what is wrong, never the value.
+                raise ImdsError("token (PUT)", "the token is not a base64 string of up to 1024 characters", 1)
+            self._token = token
             self._token_expires = started + self.token_ttl - self._margin
             return self._token
 

@@ -94,7 +94,10 @@ async def _read_lines(name: str, reader: asyncio.StreamReader, on_line: LineHand
             return
         if not raw:
             return
-        on_line(raw.rstrip(b"\r\n").decode("utf-8", "replace"))
+        try:
+            on_line(raw.rstrip(b"\r\n").decode("utf-8", "replace"))
+        except Exception as exc:  # one bad line must not stop the follower (and --exit-with-enclave)
+            event(log, logging.WARNING, "enclave_stream_line_failed", stream=name, error=type(exc).__name__)
 
 
 async def follow_log(ep: Endpoint, sink: LineHandler = stdout_sink, *, max_line: int = MAX_LOG_LINE) -> None:
@@ -106,7 +109,7 @@ def parse_status(line: str) -> dict[str, Any] | None:
     """A status line as a dict, or None if it is not ``{"status": <known>, ...}``."""
     try:
         value = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[" nested a thousand deep
         return None
     if not isinstance(value, dict) or value.get("status") not in KNOWN_STATUSES:
         return None
