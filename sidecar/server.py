@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 from aiohttp import hdrs, web
+from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config import ConfigError, Manifest, Settings
@@ -498,8 +499,11 @@ def create_app(runtime: Runtime, listener: Listener, primary: bool = False) -> w
         )
         if route.sensitive:
             app[SENSITIVE].add(added.resource)
-    # Registered last and at the root, so it only sees requests no other route took.
-    add("*", "/{tail:.*}", handle_fallback, settings.max_body_bytes)
+    # Registered last and at the root, so it only sees requests no other route took. Sensitive: a
+    # path no route matched is client text that may carry a name or a secret (a mistyped URL, a
+    # percent-encoded "?"), so the access log writes the pattern, never the path.
+    fallback = add("*", "/{tail:.*}", handle_fallback, settings.max_body_bytes)
+    app[SENSITIVE].add(fallback.resource)
     if primary:
         app.cleanup_ctx.append(runtime.plugin_lifespans)
     return app
@@ -596,6 +600,10 @@ def failure(
     """The error boundary: aiohttp's HTTP errors become JSON; anything else is a 500 with no detail."""
     if isinstance(exc, web.HTTPException):
         return as_json(exc, request_id, limit, error_response)
+    if isinstance(exc, RequestPayloadError):
+        # The client's body could not be read as sent (a Content-Encoding that does not decode, a
+        # broken chunked encoding): its mistake, so a 400, whichever plugin was reading it.
+        return refuse(400, "the request body cannot be read: " + BODY_PROBLEM, request_id, error_response)
     resource = request.match_info.route.resource
     log.error(
         "unhandled_error",
@@ -651,6 +659,7 @@ def as_json(
 
 
 HEALTH_BODY = b'{"status":"ok"}'
+BODY_PROBLEM = "its Content-Encoding or chunked encoding is not valid"
 
 
 def handle_health(request: web.Request) -> web.Response:

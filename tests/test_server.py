@@ -154,6 +154,33 @@ async def test_access_log_never_records_sensitive_paths_or_queries(sc: Any) -> N
     assert plain["request_id"] and plain["level"] == "info" and plain["event"] == "access"
 
 
+async def test_access_log_never_records_a_path_no_route_matched(sc: Any) -> None:
+    """Threat (found by review): a name sent in a mistyped or percent-encoded URL
+    (``/enclave/passenger%3Fname=...``) is a 404, and its path went to the log as sent."""
+    for path in ("/enclave/passenger%3Fname=Secretname%20Zqxv", "/enclave/passenger/Secretname%20Zqxv"):
+        async with sc.session.get(sc.url(path)) as resp:
+            assert resp.status == 404
+    lines = access_lines(sc)
+    raw = sc.runtime.access_sink.stream.getvalue()
+    assert "Secretname" not in raw and "Zqxv" not in raw
+    assert [line["path"] for line in lines if line["status"] == 404] == ["/{tail}", "/{tail}"]
+
+
+async def test_a_body_that_cannot_be_decoded_is_a_400_not_a_500(sc: Any) -> None:
+    """Found by review: aiohttp's RequestPayloadError (a Content-Encoding that does not decode)
+    escaped as a 500 from every plugin that reads a body."""
+    headers = {"Content-Encoding": "gzip"}
+    async with sc.session.post(
+        sc.url("/echo"), data=b"\x1f\x8b\x08\x00 not gzip at all", headers=headers
+    ) as resp:
+        assert resp.status == 400
+        body = await resp.json()
+    assert (
+        body["error"]
+        == "the request body cannot be read: its Content-Encoding or chunked encoding is not valid"
+    )
+
+
 async def test_access_log_can_be_switched_off(sidecar_factory: Any) -> None:
     harness = await sidecar_factory(plugins={"demo": Demo()}, settings={"log": {"access": False}})
     harness.runtime.access_sink.stream = io.StringIO()

@@ -429,6 +429,55 @@ async def test_oversized_body_is_413_in_vaults_shape(start_vault: Starter) -> No
     assert (await v.call("GET", "secret/data/big"))[0] == 404
 
 
+async def test_found_by_review_client_mistakes_are_400s(vault: Vault) -> None:
+    # A number too large for a float was stored as infinity and read back as "Infinity" (not JSON).
+    status, body, _ = await vault.call("POST", "secret/data/inf", raw=b'{"data": {"n": 1e400}}')
+    assert status == 400 and body["errors"][0] == "failed to decode JSON input: number 1e400 is out of range"
+    assert (await vault.call("GET", "secret/data/inf"))[0] == 404
+    # "\u00b2".isdigit() is true but int() refuses it: sys/health answered 500.
+    for query in ("standbycode=%C2%B2", "activecode=%E2%91%A0", "activecode=%D9%A2%D9%A0%D9%A0"):
+        status, _, _ = await vault.call("GET", f"sys/health?{query}", token=None)
+        assert status == 400, query
+    # A body whose Content-Encoding does not decode is a 400 too (with this listener's parser the
+    # bytes arrive undecoded and fail as JSON; where aiohttp decodes, RequestPayloadError is caught).
+    status, body, _ = await vault.call(
+        "POST", "secret/data/gz", raw=b"\x1f\x8b\x08\x00 not gzip", headers={"Content-Encoding": "gzip"}
+    )
+    assert status == 400 and body["errors"][0].startswith("failed to "), body
+
+
+async def test_a_policy_that_sets_an_attribute_twice_is_refused(vault: Vault) -> None:
+    """Threat (found by review): python-hcl2 keeps only the last of two ``capabilities`` lines, so
+    a ``deny`` followed by a ``read`` in one block granted read (OpenBao merges them: deny wins)."""
+    policy = 'path "secret/data/admin" {\n  capabilities = ["deny"]\n  capabilities = ["read"]\n}\n'
+    status, body, _ = await vault.call("PUT", "sys/policies/acl/dup", {"policy": policy})
+    assert status == 400
+    assert body["errors"] == ["failed to parse policy: at line 3: 'capabilities' is set twice in one block"]
+    assert (await vault.call("GET", "sys/policies/acl/dup"))[0] == 404
+
+
+async def test_unmounting_a_kv_mount_deletes_its_secret_values(vault: Vault) -> None:
+    """Threat (found by review): version documents are not in directory listings, so removing a
+    mount left every secret value in storage (still readable with the root key)."""
+    assert (await vault.call("POST", "sys/mounts/gone", {"type": "kv", "options": {"version": "2"}}))[
+        0
+    ] == 204
+    for key in ("a", "dir/b"):
+        for value in ("v1", "v2"):
+            assert (await vault.call("POST", f"gone/data/{key}", {"data": {"password": value}}))[0] == 200
+    mounts = vault.service.state.mounts  # type: ignore[union-attr]
+    entry = mounts.entries["gone/"]
+    store = mounts.store_for(entry)
+    meta = await store.read("meta/dir/b")
+    assert meta is not None
+    version_ids = [v["id"] for v in meta["versions"].values()]
+    assert len(version_ids) == 2 and await store.read(f"ver/dir/b/{version_ids[0]}") is not None
+    assert (await vault.call("DELETE", "sys/mounts/gone"))[0] == 204
+    for version_id in version_ids:
+        assert await store.read(f"ver/dir/b/{version_id}") is None
+    assert await store.read("meta/dir/b") is None and await store.list("") == []
+
+
 async def test_routing_errors(vault: Vault) -> None:
     status, body, _ = await vault.call("GET", "nomount/x")
     assert (status, body) == (404, {"errors": ['no handler for route "nomount/x". route entry not found.']})

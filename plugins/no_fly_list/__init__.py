@@ -38,7 +38,12 @@ def register_config_schema() -> Map:
                 fields={
                     "enabled": Bool(default=True),
                     "per_second": Float(min=0.001, default=20.0, doc="tokens added per second"),
-                    "burst": Int(min=1, default=40, doc="bucket size"),
+                    "burst": Int(
+                        min=1,
+                        default=40,
+                        doc="bucket size: single checks without waiting (one batch of up to max_batch "
+                        "names may still go through at once, and is then waited out at per_second)",
+                    ),
                     "max_clients": Int(min=1, default=10_000, doc="buckets kept (least recently used go)"),
                 },
             ),

@@ -3,8 +3,10 @@
 Each client (the TCP peer address) has a bucket of ``burst`` tokens that refills at ``per_second``
 tokens a second. A request is let through while the client's bucket holds at least one token, and
 then costs one token per name it checks; a batch may take the bucket into debt, which the client's
-next requests wait out. So, whatever the mix of single checks and batches, a client checks at most
-``burst + per_second * t`` names in ``t`` seconds.
+next requests wait out. So a batch of a whole flight manifest (up to ``max_batch`` names, more
+than ``burst``) goes through at once, and whatever the mix of single checks and batches, a client
+checks at most ``max(burst, max_batch) + per_second * t`` names in ``t`` seconds: the bucket's size
+for single checks, one batch up front, and the refill rate after that.
 
 Memory is bounded: at most ``max_clients`` buckets are kept, least recently used first out. A
 bucket that has been idle long enough to refill holds no information, so evicting it changes

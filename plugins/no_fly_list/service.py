@@ -72,9 +72,10 @@ def _headers(content_type: str) -> CIMultiDictProxy[str]:
 TEXT_HEADERS: Final = _headers("text/plain; charset=utf-8")
 JSON_HEADERS: Final = _headers("application/json")
 
-# C0 and C1 controls (a name is echoed in a text/plain answer: a newline could forge a second
-# verdict line) and lone surrogates (JSON can carry them; they cannot be encoded).
-_BAD_CHARACTER: Final = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# C0 and C1 controls and U+2028/U+2029 (a name is echoed in a text/plain answer: a line break,
+# including the two that str.splitlines() and some viewers break at, could forge a second verdict
+# line) and lone surrogates (JSON can carry them; they cannot be encoded).
+_BAD_CHARACTER: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 
 class LoadError(Exception):
@@ -119,7 +120,7 @@ def name_problem(name: str) -> str | None:
     if bad is not None:
         if "\ud800" <= bad.group() <= "\udfff":
             return "is not valid Unicode (it contains an unpaired surrogate)"
-        return "contains a control character"
+        return "contains a control character or a line separator"
     return None
 
 

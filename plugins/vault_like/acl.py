@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import hcl2
+import lark
 from hcl2.utils import SerializationOptions
 
 from .logical import Operation
@@ -174,12 +175,42 @@ def _hcl_unquote(token: str, what: str) -> str:
 
 def _parse_hcl(text: str) -> dict[str, Any]:
     try:
-        doc = hcl2.loads(text, serialization_options=_HCL_OPTIONS)
+        tree = hcl2.parses_to_tree(text)
     except Exception as e:  # lark and hcl2 raise many types; all mean "not valid HCL"
+        raise PolicyError(_describe_hcl_error(e)) from None
+    _refuse_repeated_attributes(tree)
+    try:
+        doc = hcl2.serialize(hcl2.transform(tree), serialization_options=_HCL_OPTIONS)
+    except Exception as e:
         raise PolicyError(_describe_hcl_error(e)) from None
     if not isinstance(doc, dict):
         raise PolicyError("does not contain a root object")
     return doc
+
+
+def _refuse_repeated_attributes(tree: lark.Tree[Any]) -> None:
+    """Refuse an attribute set twice in one block (``capabilities`` twice in one ``path``).
+
+    python-hcl2 keeps only the last value, so ``capabilities = ["deny"]`` followed by
+    ``capabilities = ["read"]`` would silently lose the deny (OpenBao merges the two). A policy that
+    says one thing twice is refused, so nothing in it is ever dropped: fail closed.
+    """
+    for body in tree.find_data("body"):
+        seen: set[str] = set()
+        for child in body.children:
+            if not isinstance(child, lark.Tree) or child.data != "attribute" or not child.children:
+                continue
+            name_node = child.children[0]
+            name = (
+                "".join(str(t) for t in name_node.scan_values(lambda _: True))
+                if isinstance(name_node, lark.Tree)
+                else str(name_node)
+            )
+            if name in seen:
+                line = getattr(child.meta, "line", None) if not child.meta.empty else None
+                where = f"at line {line}: " if line else ""
+                raise PolicyError(f"{where}{name!r} is set twice in one block")
+            seen.add(name)
 
 
 def _describe_hcl_error(e: Exception) -> str:

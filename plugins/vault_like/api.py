@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -38,6 +39,7 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import hdrs, web
+from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from plugins.vault_like.audit import AuditError
@@ -111,6 +113,15 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    """A JSON number as a float; one too large for a float (1e400) is refused, as OpenBao refuses
+    it, instead of becoming infinity and being stored and answered as ``Infinity`` (not JSON)."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
 def parse_body(raw: bytes) -> dict[str, Any]:
     """The JSON object of a request body ({} when empty). VaultError 400 with Vault's prefix otherwise."""
     if not raw.strip():
@@ -120,7 +131,7 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise VaultError(400, "failed to decode JSON input: the body is not valid UTF-8") from None
     try:
-        doc: Any = json.loads(text, parse_constant=_reject_constant)
+        doc: Any = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
         raise VaultError(400, "failed to decode JSON input: nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError's text names a position, never the input
@@ -239,6 +250,8 @@ class VaultApi:
             return self._render_error(exc, request.get(VAULT_REQUEST_ID, ""))
         except web.HTTPRequestEntityTooLarge:
             return respond(413, TOO_LARGE)
+        except RequestPayloadError:  # a Content-Encoding or chunked body that does not decode
+            return respond(400, error_body(["failed to read the request body: its encoding is not valid"]))
         except Exception as exc:
             return self._internal(request, exc)
 

@@ -912,6 +912,27 @@ class KvV2:
         return LogicalResponse(data={"metadata": metadata, "subkeys": tree})
 
 
+async def purge_versions(store: JsonStoreLike, prefix: str = "") -> int:
+    """Delete the version documents of every key under ``meta/PREFIX``: for a mount being removed.
+
+    Version documents are kept out of directory listings (KvBackend.__init__), so deleting a mount's
+    listed tree alone would leave every secret value in storage. Each key's metadata names its
+    versions. Returns how many were deleted.
+    """
+    deleted = 0
+    for child in await store.list("meta/" + prefix):
+        if child.endswith("/"):
+            deleted += await purge_versions(store, prefix + child)
+            continue
+        key = prefix + child
+        meta = await store.read(_meta_path(key))
+        for version in (meta or {}).get("versions", {}).values():
+            if isinstance(version, dict) and version.get("id"):
+                await store.delete(_version_path(key, version["id"]))
+                deleted += 1
+    return deleted
+
+
 def _meta_path(key: str) -> str:
     return "meta/" + key
 

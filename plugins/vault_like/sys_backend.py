@@ -287,7 +287,12 @@ class MountTable:
         self._install(await self.core.update(MOUNTS_KEY, drop))
         if not removed:
             return None
-        await self._delete_tree(self.store_for(removed[0]), "")  # the mount's data goes with it, as in Vault
+        store = self.store_for(removed[0])
+        if removed[0].type == "kv":
+            from plugins.vault_like.kv import purge_versions
+
+            await purge_versions(store)  # the unlisted version documents first, while metadata names them
+        await self._delete_tree(store, "")  # the mount's data goes with it, as in Vault
         return removed[0]
 
     async def _delete_tree(self, store: JsonStore, prefix: str) -> None:
@@ -349,7 +354,7 @@ class SysBackend:
         for name in codes:
             if name in query:
                 raw = query[name]
-                if not raw.isdigit() or not 100 <= int(raw) <= 599:
+                if not (raw.isascii() and raw.isdigit()) or not 100 <= int(raw) <= 599:  # not "²"
                     return LogicalResponse(status=400, raw=b'{"errors":[]}')
                 codes[name] = int(raw)
         for name in ("standbyok", "perfstandbyok"):
