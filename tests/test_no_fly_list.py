@@ -661,6 +661,8 @@ async def test_reload_swaps_in_a_changed_list(
         (b"not json", "envelope rejected: envelope is not JSON"),
         (b"tampered", NOT_DECRYPTABLE),
         (b"bad list", "list rejected: list entry 2 is not valid UTF-8"),
+        # A genuine but empty envelope would clear everyone at once (found by review).
+        (b"empty", "the new list is empty; keeping the list in use"),
     ],
 )
 async def test_failed_reload_keeps_the_old_list(
@@ -677,6 +679,8 @@ async def test_failed_reload_keeps_the_old_list(
         data = json.dumps(envelope).encode()
     elif bad == b"bad list":
         data = _bad_list(nf.kms)
+    elif bad == b"empty":
+        data = seal(nf.kms, [])
     else:
         data = bad
     replace_file(nf.path, data)

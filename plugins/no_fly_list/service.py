@@ -377,6 +377,12 @@ class NoFlyService:
             self._unexpected("reload", exc)
             self._reload_failed(f"unexpected {type(exc).__name__}")
             return False
+        if not len(index) and len(self.index or ()):
+            # A genuine but empty envelope would clear every passenger at once; far more likely a
+            # mistake or an old envelope put back than a real list. Keep the list in use.
+            self.failed_tag = tag
+            self._reload_failed("the new list is empty; keeping the list in use")
+            return False
         self.index, self.tag, self.failed_tag = index, tag, None  # the atomic swap
         self.metrics.reloads += 1
         entries = len(index)
