@@ -195,7 +195,7 @@ class AccessLogSink:
 
 
 def access_logger_class(
-    sink: AccessLogSink, listener: str, sensitive: set[Any]
+    sink: AccessLogSink, listener: str, sensitive: set[Any], plain_paths: frozenset[str] = frozenset()
 ) -> type[AbstractAccessLogger]:
     """An aiohttp access-logger class bound to one listener.
 
@@ -203,7 +203,9 @@ def access_logger_class(
     instead of the concrete path, so a passenger name or secret path never reaches the log.
     This runs on every request: it only captures a tuple (see :class:`AccessLogSink`); the request
     id is read back from the response header the route wrapper set (``""`` for a response aiohttp
-    made itself, such as a 400 for a malformed request).
+    made itself, such as a 400 for a malformed request). ``plain_paths`` are the fixed paths of the
+    routes that are not sensitive (``/enclave/health``): a request whose path is one of them is
+    logged as it is without looking its route up, since that text is the route's own.
     """
     head = f'"level":"info","logger":"sidecar.access","event":"access","listener":{json.dumps(listener)},'
     now = time.time
@@ -215,13 +217,11 @@ def access_logger_class(
 
     class JsonAccessLogger(AbstractAccessLogger):
         def log(self, request: web.BaseRequest, response: web.StreamResponse, duration: float) -> None:
-            if patterns:
-                try:
-                    path = patterns.get(request.match_info.route) or request.path  # type: ignore[attr-defined]
-                except (AttributeError, AssertionError):  # a request aiohttp rejected before routing
-                    path = request.path
-            else:
-                path = request.path
+            path = request.path
+            if patterns and path not in plain_paths:
+                # AttributeError, AssertionError: a request aiohttp rejected before routing.
+                with contextlib.suppress(AttributeError, AssertionError):
+                    path = patterns.get(request.match_info.route) or path  # type: ignore[attr-defined]
             append(
                 (
                     now(),

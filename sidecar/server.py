@@ -321,7 +321,9 @@ class Runtime:
                 runner = runner_class(
                     app,
                     handle_signals=False,
-                    access_log_class=access_logger_class(self.access_sink, listener.name, app[SENSITIVE]),
+                    access_log_class=access_logger_class(
+                        self.access_sink, listener.name, app[SENSITIVE], app[PLAIN_PATHS]
+                    ),
                     access_log=logging.getLogger("sidecar.access") if self.settings.access_log else None,
                     shutdown_timeout=self.settings.shutdown_timeout,
                     max_line_size=self.settings.max_line_bytes,
@@ -459,6 +461,8 @@ def freeze_heap() -> None:
 # ---------------------------------------------------------------------- the app factory
 
 SENSITIVE: web.AppKey[set[Any]] = web.AppKey("sensitive", set)
+# The fixed paths of the routes that are not sensitive: the access log writes them without a lookup.
+PLAIN_PATHS: web.AppKey[frozenset[str]] = web.AppKey("plain_paths", frozenset)
 # request[REQUEST_ID] is the id sent in X-Request-Id; plugins put it in their log events.
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
 
@@ -504,6 +508,11 @@ def create_app(runtime: Runtime, listener: Listener, primary: bool = False) -> w
     # percent-encoded "?"), so the access log writes the pattern, never the path.
     fallback = add("*", "/{tail:.*}", handle_fallback, settings.max_body_bytes)
     app[SENSITIVE].add(fallback.resource)
+    app[PLAIN_PATHS] = frozenset(
+        r.canonical
+        for r in app.router.resources()
+        if isinstance(r, web.PlainResource) and r not in app[SENSITIVE]
+    )
     if primary:
         app.cleanup_ctx.append(runtime.plugin_lifespans)
     return app
