@@ -441,7 +441,12 @@ SETTINGS_SCHEMA = Map(
                 "vsock_ingress": Bool(
                     default=False, doc="also accept each ingress port on vsock and bridge it to TCP"
                 ),
-                "max_tunnels": Int(min=1, max=65536, default=512, doc="concurrent egress connections"),
+                "max_tunnels": Int(
+                    min=1,
+                    max=65536,
+                    default=512,
+                    doc="concurrent egress connections, and connections on each vsock ingress port",
+                ),
                 "idle_timeout": Float(min=0.1, max=86400.0, default=300.0, doc="seconds without bytes"),
                 "connect_timeout": Float(min=0.1, max=600.0, default=10.0),
                 "max_header_bytes": Int(min=1024, max=1 << 20, default=16384),

@@ -113,6 +113,7 @@ REQUEST_ID_HEADER: Final = istr("X-Request-Id")
 # (time.time(), listener head, method, path, status, bytes sent, duration in seconds, request id).
 AccessRecord = tuple[float, str, str, str, int, int, float, str]
 _CACHE = 4096  # entries per rendering cache
+UNROUTED: Final = "(no route)"  # the path logged for a request none of the app's routes answered
 
 
 class AccessLogSink:
@@ -195,7 +196,11 @@ class AccessLogSink:
 
 
 def access_logger_class(
-    sink: AccessLogSink, listener: str, sensitive: set[Any], plain_paths: frozenset[str] = frozenset()
+    sink: AccessLogSink,
+    listener: str,
+    sensitive: set[Any],
+    plain_paths: frozenset[str] = frozenset(),
+    public: frozenset[Any] | None = None,
 ) -> type[AbstractAccessLogger]:
     """An aiohttp access-logger class bound to one listener.
 
@@ -205,7 +210,9 @@ def access_logger_class(
     id is read back from the response header the route wrapper set (``""`` for a response aiohttp
     made itself, such as a 400 for a malformed request). ``plain_paths`` are the fixed paths of the
     routes that are not sensitive (``/enclave/health``): a request whose path is one of them is
-    logged as it is without looking its route up, since that text is the route's own.
+    logged as it is without looking its route up, since that text is the route's own. With
+    ``public`` (the routes that are not sensitive), a request no route of the app answered (aiohttp's
+    own 404 or 405) is logged as :data:`UNROUTED`, never as its path: fail safe.
     """
     head = f'"level":"info","logger":"sidecar.access","event":"access","listener":{json.dumps(listener)},'
     now = time.time
@@ -221,7 +228,8 @@ def access_logger_class(
             if patterns and path not in plain_paths:
                 # AttributeError, AssertionError: a request aiohttp rejected before routing.
                 with contextlib.suppress(AttributeError, AssertionError):
-                    path = patterns.get(request.match_info.route) or path  # type: ignore[attr-defined]
+                    route = request.match_info.route  # type: ignore[attr-defined]
+                    path = patterns.get(route) or (path if public is None or route in public else UNROUTED)
             append(
                 (
                     now(),

@@ -322,7 +322,7 @@ class Runtime:
                     app,
                     handle_signals=False,
                     access_log_class=access_logger_class(
-                        self.access_sink, listener.name, app[SENSITIVE], app[PLAIN_PATHS]
+                        self.access_sink, listener.name, app[SENSITIVE], app[PLAIN_PATHS], app[PUBLIC]
                     ),
                     access_log=logging.getLogger("sidecar.access") if self.settings.access_log else None,
                     shutdown_timeout=self.settings.shutdown_timeout,
@@ -463,6 +463,8 @@ def freeze_heap() -> None:
 SENSITIVE: web.AppKey[set[Any]] = web.AppKey("sensitive", set)
 # The fixed paths of the routes that are not sensitive: the access log writes them without a lookup.
 PLAIN_PATHS: web.AppKey[frozenset[str]] = web.AppKey("plain_paths", frozenset)
+# The routes that are not sensitive: the only ones whose requests' paths the access log writes.
+PUBLIC: web.AppKey[frozenset[Any]] = web.AppKey("public_routes", frozenset)
 # request[REQUEST_ID] is the id sent in X-Request-Id; plugins put it in their log events.
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
 
@@ -506,13 +508,13 @@ def create_app(runtime: Runtime, listener: Listener, primary: bool = False) -> w
     # Registered last and at the root, so it only sees requests no other route took. Sensitive: a
     # path no route matched is client text that may carry a name or a secret (a mistyped URL, a
     # percent-encoded "?"), so the access log writes the pattern, never the path.
-    fallback = add("*", "/{tail:.*}", handle_fallback, settings.max_body_bytes)
+    # [\s\S], not ".": a path with an encoded newline (%0A) must reach this route too, or aiohttp
+    # answers it itself (no request id) and logs its raw path.
+    fallback = add("*", "/{tail:[\\s\\S]*}", handle_fallback, settings.max_body_bytes)
     app[SENSITIVE].add(fallback.resource)
-    app[PLAIN_PATHS] = frozenset(
-        r.canonical
-        for r in app.router.resources()
-        if isinstance(r, web.PlainResource) and r not in app[SENSITIVE]
-    )
+    public = [r for r in app.router.resources() if r not in app[SENSITIVE]]
+    app[PLAIN_PATHS] = frozenset(r.canonical for r in public if isinstance(r, web.PlainResource))
+    app[PUBLIC] = frozenset(route for resource in public for route in resource)
     if primary:
         app.cleanup_ctx.append(runtime.plugin_lifespans)
     return app

@@ -554,3 +554,37 @@ def test_python_m_sidecar_host_help() -> None:
     )
     assert "--no-policy-check" in out.stdout
     assert "--egress-listen" in out.stdout
+
+
+async def test_forwarded_ingress_is_bounded_by_max_tunnels(tmp_path: Path) -> None:
+    """Threat (found by review): no bound on forwarded connections, so idle connections from
+    outside used up the process's file descriptors (the egress proxy's too)."""
+    async with echo_server(vsock.tcp("127.0.0.1", 0)) as app:
+        listen = vsock.tcp("127.0.0.1", free_port())
+        stop = asyncio.Event()
+        host = asyncio.ensure_future(
+            run_host(plan(tmp_path, forwards=[(listen, app.endpoint)], max_tunnels=2, policy=None,
+                          egress_listen=None, log_endpoint=None, status_endpoint=None), stop)
+        )  # fmt: skip
+        try:
+            held: list[socket.socket] = []
+            for _ in range(50):
+                with contextlib.suppress(OSError):
+                    held.append(socket.create_connection(("127.0.0.1", listen.port), timeout=1))
+                if len(held) == 3:
+                    break
+                await asyncio.sleep(0.05)
+            assert len(held) == 3
+            loop = asyncio.get_running_loop()
+            for sock in held:
+                sock.setblocking(False)
+            # The first two are served; the third is closed at once by the cap.
+            for sock in held[:2]:
+                await loop.sock_sendall(sock, b"ping")
+                assert await asyncio.wait_for(loop.sock_recv(sock, 4), 5) == b"ping"
+            assert await asyncio.wait_for(loop.sock_recv(held[2], 4), 5) == b""
+            for sock in held:
+                sock.close()
+        finally:
+            stop.set()
+            await asyncio.wait_for(host, 10)

@@ -558,3 +558,24 @@ def test_retries_run_out_with_a_clear_error(
     )
     assert list(front.requests) == ["GenerateDataKey"] * 3
     assert front.fail_next == [failure]
+
+
+def test_the_document_binds_the_recipient_key_in_user_data(
+    kms: Any, nsm: NsmEmulator, recipient: RecipientKey
+) -> None:
+    """Found by review: user_data was empty, so a verifier checking the binding the sidecar's own
+    attestation endpoint promises (user_data = SHA-256 of public_key) refused these documents."""
+    from sidecar.attestation.document import parse_document
+
+    seen: list[bytes] = []
+
+    def attest(**fields: Any) -> bytes:
+        document: bytes = nsm.attestation(**fields)
+        seen.append(document)
+        return document
+
+    AttestedKms(kms, attest, recipient).generate_random(NumberOfBytes=16)
+    (document,) = seen
+    parsed = parse_document(document)
+    assert parsed.public_key == recipient.spki_der
+    assert parsed.user_data == hashlib.sha256(recipient.spki_der).digest() == recipient.spki_sha256

@@ -11,6 +11,7 @@ import base64
 import contextlib
 import json
 import os
+import time
 from typing import Any
 
 import pytest
@@ -88,14 +89,28 @@ def test_aead_layout_is_the_documented_one() -> None:
         "version",
         "key_id",
         "encryption-context",
+        "sealed-at",
         "data-key-ciphertext-base64",
         "nonce-base64",
         "ciphertext-base64",
     ]
     assert document["format"] == FORMAT == "enclave-sidecar/no-fly-list"
     assert document["encryption-context"] == {"purpose": "no-fly-list"}
-    aad = b'{"format":"enclave-sidecar/no-fly-list","key_id":"' + KEY_ARN.encode() + b'","version":2}'
-    assert associated_data(KEY_ARN) == aad
+    sealed_at = document["sealed-at"]
+    assert abs(sealed_at - time.time() * 1000) < 60_000  # milliseconds since the epoch, now
+    aad = (
+        b'{"format":"enclave-sidecar/no-fly-list","key_id":"'
+        + KEY_ARN.encode()
+        + b'","sealed-at":'
+        + str(sealed_at).encode()
+        + b',"version":2}'
+    )
+    assert associated_data(KEY_ARN, 2, sealed_at) == aad
+    # Envelopes sealed before "sealed-at" existed keep the shorter associated data.
+    assert (
+        associated_data(KEY_ARN)
+        == b'{"format":"enclave-sidecar/no-fly-list","key_id":"' + KEY_ARN.encode() + b'","version":2}'
+    )
     nonce = base64.b64decode(document["nonce-base64"])
     plaintext = AESGCM(KEY).decrypt(nonce, base64.b64decode(document["ciphertext-base64"]), aad)
     assert plaintext == PAYLOAD
@@ -140,7 +155,7 @@ def test_kms_decrypt_params_carry_the_encryption_context() -> None:
 
 
 def test_describe_and_repr_show_sizes_only() -> None:
-    env = parse_envelope(sealed(b"bigbird\nelmo"))
+    env = parse_envelope(seal_envelope(b"bigbird\nelmo", KEY, BLOB, KEY_ARN, sealed_at=1_796_600_000_123))
     assert env.describe() == {
         "format": FORMAT,
         "version": 2,
@@ -148,6 +163,7 @@ def test_describe_and_repr_show_sizes_only() -> None:
         "encryption_context": {"purpose": "no-fly-list"},
         "data_key_ciphertext_bytes": len(BLOB),
         "sealed_bytes": 12 + 16,
+        "sealed_at": "2026-12-06T23:33:20.123Z",
         "plaintext_bytes": 12,
     }
     text = repr(env)

@@ -8,10 +8,12 @@ test_no_fly_devworld.py. Envelopes are made with the plugin's own sealing functi
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,16 +24,23 @@ import boto3
 import pytest
 from aiohttp import web
 from botocore.exceptions import ClientError
+from cryptography.fernet import Fernet
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from multidict import CIMultiDict
 
 import plugins.no_fly_list as no_fly_list
 from plugins.no_fly_list import service as service_module
-from plugins.no_fly_list.envelope import ENCRYPTION_CONTEXT, seal_envelope, seal_fernet_envelope
+from plugins.no_fly_list.envelope import (
+    ENCRYPTION_CONTEXT,
+    associated_data,
+    seal_envelope,
+    seal_fernet_envelope,
+)
 from plugins.no_fly_list.envelope import open_envelope as real_open
 from plugins.no_fly_list.service import METRICS_PATH, NoFlyService, wants_json
 from sidecar.config import ConfigError
 from sidecar.context import Services
-from sidecar.logs import JsonFormatter
+from sidecar.logs import JsonFormatter, iso_ms
 from sidecar.routes import Listener
 from sidecar.server import json_error
 from sidecar.testing import SidecarHarness, run_sidecar
@@ -698,6 +707,67 @@ async def test_failed_reload_keeps_the_old_list(
     replace_file(nf.path, seal(nf.kms, ["Kermit"]))
     assert await nf.service.reload() is True
     assert (await nf.get("kermit"))[2].endswith("CAN NOT BOARD!\n")
+
+
+def legacy_aead(kms: FakeKms, names: Sequence[str]) -> bytes:
+    """A version-2 envelope as sealed before "sealed-at" existed (no seal time, shorter AAD)."""
+    key, blob = kms.new_key(dict(ENCRYPTION_CONTEXT))
+    document = json.loads(seal_envelope("\n".join(names).encode(), key, blob, KEY_ARN))
+    del document["sealed-at"]
+    nonce = os.urandom(12)
+    ciphertext = AESGCM(key).encrypt(nonce, "\n".join(names).encode(), associated_data(KEY_ARN))
+    document["nonce-base64"] = base64.b64encode(nonce).decode()
+    document["ciphertext-base64"] = base64.b64encode(ciphertext).decode()
+    return json.dumps(document).encode()
+
+
+def fernet_at(kms: FakeKms, names: Sequence[str], seconds: int) -> bytes:
+    """The original format, its token stamped ``seconds`` since the epoch (the token's own clock)."""
+    key, blob = kms.new_key(None)
+    token = Fernet(base64.urlsafe_b64encode(key)).encrypt_at_time(",".join(names).encode(), seconds)
+    return json.dumps(
+        {
+            "data-key-ciphertext-base64": base64.b64encode(blob).decode(),
+            "aes-ciphertext-base64": token.decode(),
+        }
+    ).encode()
+
+
+async def test_reload_refuses_an_envelope_sealed_before_the_list_in_use(
+    sidecar_factory: SidecarFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Threat (found by review): anyone who can write the envelope's object puts an older genuine
+    envelope back, and the passengers added since are cleared to fly."""
+    caplog.set_level(logging.INFO, logger="plugins.no_fly_list")
+    nf = await start_no_fly(sidecar_factory, tmp_path)
+    in_use = nf.service.sealed_at
+    assert in_use is not None and abs(in_use - time.time() * 1000) < 60_000
+
+    def reasons() -> list[str]:
+        failed = [r for r in caplog.records if r.getMessage() == "no_fly_reload_failed"]
+        return [r.sidecar_fields["reason"] for r in failed]  # type: ignore[attr-defined]
+
+    key, blob = nf.kms.new_key(dict(ENCRYPTION_CONTEXT))
+    for older in (
+        seal_envelope(b"Mallory Evil\n", key, blob, KEY_ARN, sealed_at=in_use - 60_000),
+        fernet_at(nf.kms, ["Mallory Evil"], in_use // 1000 - 60),  # the original format's clock too
+        legacy_aead(nf.kms, ["Mallory Evil"]),  # no seal time at all: a downgrade
+    ):
+        replace_file(nf.path, older)
+        assert await nf.service.reload() is False
+        assert (await nf.get("Big Bird"))[2].endswith("CAN NOT BOARD!\n")  # the list in use stays
+    assert reasons()[0].startswith("the new envelope was sealed at ")
+    assert reasons()[0].endswith("before the list in use (" + iso_ms(in_use) + "); keeping the list in use")
+    assert "before the list in use" in reasons()[1]
+    assert (
+        reasons()[2]
+        == "the new envelope has no seal time and the list in use has one; keeping the list in use"
+    )
+    # A newer one is taken, and becomes the one to beat.
+    replace_file(nf.path, seal_envelope(b"Kermit\n", key, blob, KEY_ARN, sealed_at=in_use + 1000))
+    assert await nf.service.reload() is True
+    assert nf.service.sealed_at == in_use + 1000
+    assert (await nf.get("Kermit"))[2].endswith("CAN NOT BOARD!\n")
 
 
 async def test_kms_failure_on_reload_is_retried(sidecar_factory: SidecarFactory, tmp_path: Path) -> None:

@@ -148,3 +148,31 @@ async def test_auditing_can_be_turned_off(start_vault: Starter) -> None:
     assert (await v.call("POST", "secret/data/k", {"data": {"a": "b"}}))[0] == 200
     assert not (v.state_dir / "vault-audit.log").exists()
     assert (await v.call("POST", "sys/audit-hash/file", {"input": "x"}))[0] == 400
+
+
+async def test_a_request_that_fails_inside_still_gets_its_response_entry(vault: Vault) -> None:
+    """Threat (found by review): a storage error half-way through a write answered 500 with no
+    response entry, so the trail showed a request that may have changed data and no outcome."""
+    from plugins.vault_like.storage import StorageError
+
+    storage = vault.service.storage
+    assert storage is not None
+    real_put = storage.put
+    calls: list[str] = []
+
+    async def flaky_put(key: str, value: bytes, *args: Any, **kwargs: Any) -> str:
+        calls.append(key)
+        if len(calls) == 2:  # the first write lands, the second fails
+            raise StorageError("transient failure")
+        return await real_put(key, value, *args, **kwargs)
+
+    storage.put = flaky_put  # type: ignore[method-assign]
+    try:
+        status, body, _ = await vault.call("POST", "secret/data/half", {"data": {"pw": "two"}})
+    finally:
+        storage.put = real_put  # type: ignore[method-assign]
+    assert (status, body) == (500, {"errors": ["internal error"]})
+    last = entries(vault)[-2:]
+    assert [e["type"] for e in last] == ["request", "response"]
+    assert last[0]["request"]["id"] == last[1]["request"]["id"]
+    assert last[1]["response"]["status"] == 500 and last[1]["error"] == "internal error"

@@ -377,3 +377,21 @@ async def test_a_batch_whose_key_exists_is_written_under_a_new_key_never_dropped
     with pytest.raises(AuditError, match="PreconditionFailed"):
         await asyncio.wait_for(sink.append(b"entry\n"), 5)
     assert len(always.keys) == audit_sinks.KEY_ATTEMPTS and always.bodies == []
+
+
+async def test_close_refuses_new_entries_at_once_and_waits_for_the_accepted_ones() -> None:
+    """Found by review: an entry appended while close() waited started a new PutObject that ran
+    after close() had returned."""
+    client = ScriptedS3()
+    sink = S3AuditSink(client, "b", "p", logging.getLogger("test"))
+    await sink.open()
+    accepted = asyncio.ensure_future(sink.append(b"accepted\n"))
+    await wait_entered(client)
+    closing = asyncio.ensure_future(sink.close())
+    await asyncio.sleep(0)
+    with pytest.raises(AuditError, match="not open"):
+        await sink.append(b"late\n")
+    assert not closing.done()  # still waiting for the accepted entry's PUT
+    client.release.set()
+    await asyncio.wait_for(asyncio.gather(accepted, closing), 5)
+    assert client.bodies == [b"accepted\n"] and sink._flusher is None

@@ -15,15 +15,21 @@ are read:
 ``aead`` (version 2, ours; what ``sidecar no-fly seal`` writes)::
 
     {"format": "enclave-sidecar/no-fly-list", "version": 2, "key_id": KEY,
-     "encryption-context": {"purpose": "no-fly-list"},
+     "encryption-context": {"purpose": "no-fly-list"}, "sealed-at": MS,
      "data-key-ciphertext-base64": B64, "nonce-base64": B64(12 bytes),
      "ciphertext-base64": B64(AES-256-GCM ciphertext || 16-byte tag)}
 
   The associated data is :func:`associated_data`: the canonical JSON (sorted keys, no spaces, ASCII)
-  of ``{"format", "key_id", "version"}``. A changed key id, format or version therefore fails
-  authentication, rather than being trusted as a label. The data key was generated with the
-  encryption context above, and KMS binds it to the key ciphertext, so it must be passed to Decrypt
-  (:attr:`Envelope.encryption_context`).
+  of ``{"format", "key_id", "version"}`` and, when present, ``"sealed-at"`` (milliseconds since the
+  epoch). A changed key id, format, version or seal time therefore fails authentication, rather
+  than being trusted as a label; envelopes sealed before the field existed still open. The data key
+  was generated with the encryption context above, and KMS binds it to the key ciphertext, so it
+  must be passed to Decrypt (:attr:`Envelope.encryption_context`).
+
+The seal time (``sealed-at``, or for ``fernet`` the timestamp inside the token, which its HMAC
+covers) is authentic once the envelope opens (:attr:`Envelope.sealed_at`). A reload refuses an
+envelope not sealed after the list in use, so an older genuine envelope put back cannot undo an
+update.
 
 :func:`parse_envelope` checks structure only, and needs no key (``sidecar no-fly check-envelope``).
 :func:`open_envelope` decrypts with the plaintext data key. Every failure is an :class:`EnvelopeError`
@@ -38,6 +44,7 @@ import binascii
 import json
 import os
 import re
+import time
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -87,7 +94,9 @@ _V2_FIELDS: Final = (
     "nonce-base64",
     "ciphertext-base64",
 )
+_V2_OPTIONAL: Final = ("sealed-at",)
 _V1_FIELDS: Final = ("data-key-ciphertext-base64", "aes-ciphertext-base64")
+MAX_SEALED_AT: Final = 253402300799999  # 9999-12-31T23:59:59.999Z in milliseconds
 _KEY_ID = re.compile(r"[\x21-\x7e]+")  # ids, ARNs and aliases are printable ASCII without spaces
 _URLSAFE_B64 = re.compile(rb"[A-Za-z0-9_-]*={0,2}")
 # Fernet token: version 0x80, 8-byte timestamp, 16-byte IV, AES-CBC blocks (>= 1), 32-byte HMAC.
@@ -109,6 +118,16 @@ class Envelope:
     nonce: bytes = b""  # aead
     ciphertext: bytes = b""  # aead: ciphertext || tag
     token: bytes = b""  # fernet: the token as written (URL-safe base64 text)
+    # Milliseconds since the epoch when it was sealed: aead's "sealed-at" (None in envelopes sealed
+    # before the field), fernet's token timestamp. Authentic only once the envelope has opened.
+    sealed_at: int | None = None
+
+    @property
+    def sealed_by(self) -> int | None:
+        """The latest moment (ms) it can have been sealed: fernet's timestamp counts whole seconds."""
+        if self.sealed_at is None:
+            return None
+        return self.sealed_at + (999 if self.kind == "fernet" else 0)
 
     @property
     def encryption_context(self) -> dict[str, str] | None:
@@ -136,6 +155,7 @@ class Envelope:
             "encryption_context": self.encryption_context,
             "data_key_ciphertext_bytes": len(self.data_key_ciphertext),
             "sealed_bytes": self.sealed_bytes,
+            "sealed_at": _iso_ms(self.sealed_at) if self.sealed_at is not None else None,
         }
         if self.kind == "aead":
             info["plaintext_bytes"] = len(self.ciphertext) - TAG_BYTES
@@ -152,9 +172,12 @@ class Envelope:
         )
 
 
-def associated_data(key_id: str, version: int = VERSION) -> bytes:
-    """The AEAD associated data: canonical JSON of the format, key id and version (ASCII bytes)."""
-    header = {"format": FORMAT, "key_id": key_id, "version": version}
+def associated_data(key_id: str, version: int = VERSION, sealed_at: int | None = None) -> bytes:
+    """The AEAD associated data: canonical JSON of the format, key id, version and (when the envelope
+    has one) seal time, as ASCII bytes."""
+    header: dict[str, Any] = {"format": FORMAT, "key_id": key_id, "version": version}
+    if sealed_at is not None:
+        header["sealed-at"] = sealed_at
     return json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 
@@ -209,7 +232,12 @@ def _parse_aead(document: dict[str, Any]) -> Envelope:
         raise EnvelopeError(f"'version' must be an integer, got {_json_type(version)}")
     if version != VERSION:
         raise EnvelopeError(f"unsupported envelope version {version} (this build reads version {VERSION})")
-    _check_fields(document, _V2_FIELDS)
+    _check_fields(document, _V2_FIELDS, _V2_OPTIONAL)
+    sealed_at = document.get("sealed-at")
+    if sealed_at is not None and (
+        not isinstance(sealed_at, int) or isinstance(sealed_at, bool) or not 0 < sealed_at <= MAX_SEALED_AT
+    ):
+        raise EnvelopeError("'sealed-at' must be milliseconds since the epoch (a positive integer)")
     key_id = document["key_id"]
     if not isinstance(key_id, str):
         raise EnvelopeError(f"'key_id' must be a string, got {_json_type(key_id)}")
@@ -230,7 +258,9 @@ def _parse_aead(document: dict[str, Any]) -> Envelope:
         raise EnvelopeError(
             f"'ciphertext-base64' is {len(ciphertext)} bytes, shorter than the {TAG_BYTES}-byte GCM tag"
         )
-    return Envelope("aead", data_key_ciphertext, key_id, VERSION, nonce=nonce, ciphertext=ciphertext)
+    return Envelope(
+        "aead", data_key_ciphertext, key_id, VERSION, nonce=nonce, ciphertext=ciphertext, sealed_at=sealed_at
+    )
 
 
 def _parse_fernet(document: dict[str, Any]) -> Envelope:
@@ -248,14 +278,15 @@ def _parse_fernet(document: dict[str, Any]) -> Envelope:
         raise EnvelopeError(
             f"'aes-ciphertext-base64' is not a Fernet token (version byte or length {len(decoded)} wrong)"
         )
-    return Envelope("fernet", data_key_ciphertext, None, FERNET_VERSION, token=raw)
+    sealed_at = int.from_bytes(decoded[1:9], "big") * 1000  # the token's timestamp, in seconds
+    return Envelope("fernet", data_key_ciphertext, None, FERNET_VERSION, token=raw, sealed_at=sealed_at)
 
 
-def _check_fields(document: dict[str, Any], fields: tuple[str, ...]) -> None:
+def _check_fields(document: dict[str, Any], fields: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
     for name in fields:
         if name not in document:
             raise EnvelopeError(f"envelope is missing the field {name!r}")
-    unknown = sorted(set(document) - set(fields))
+    unknown = sorted(set(document) - set(fields) - set(optional))
     if unknown:
         # Unknown fields are refused: a field this build ignores might be one the sealer meant.
         raise EnvelopeError(f"envelope has an unknown field {_show(unknown[0])}")
@@ -342,7 +373,7 @@ def _open_aead(env: Envelope, data_key: bytes) -> bytearray:
     body = env.ciphertext[:-TAG_BYTES]
     tag = env.ciphertext[-TAG_BYTES:]
     decryptor = Cipher(algorithms.AES(data_key), modes.GCM(env.nonce, tag)).decryptor()
-    decryptor.authenticate_additional_data(associated_data(env.key_id, env.version))
+    decryptor.authenticate_additional_data(associated_data(env.key_id, env.version, env.sealed_at))
     # Decrypt into our own buffer: an immutable bytes plaintext could not be wiped later.
     buffer = bytearray(len(body) + 15)
     written = decryptor.update_into(body, buffer)
@@ -369,23 +400,30 @@ def _open_fernet(env: Envelope, data_key: bytes) -> bytearray:
 # --------------------------------------------------------------------------- sealing
 
 
-def seal_envelope(payload: bytes, data_key: bytes, data_key_ciphertext: bytes, key_id: str) -> bytes:
-    """The version-2 envelope (JSON bytes) for ``payload`` under ``data_key``.
+def seal_envelope(
+    payload: bytes, data_key: bytes, data_key_ciphertext: bytes, key_id: str, sealed_at: int | None = None
+) -> bytes:
+    """The version-2 envelope (JSON bytes) for ``payload`` under ``data_key``, sealed now (or at
+    ``sealed_at``, milliseconds since the epoch).
 
     ``data_key`` and ``data_key_ciphertext`` come from KMS GenerateDataKey (KeySpec AES_256) with
     :data:`ENCRYPTION_CONTEXT`; ``key_id`` names the KMS key (the ARN KMS answered is best).
     The result always passes :func:`parse_envelope`.
     """
+    if sealed_at is None:
+        sealed_at = time.time_ns() // 1_000_000
     _check_seal_inputs(data_key, data_key_ciphertext)
     if not 0 < len(key_id) <= MAX_KEY_ID_CHARS or not _KEY_ID.fullmatch(key_id):
         raise EnvelopeError(f"key id must be 1 to {MAX_KEY_ID_CHARS} printable ASCII characters")
     nonce = os.urandom(NONCE_BYTES)  # a fresh data key per envelope, so a random nonce never repeats
-    ciphertext = AESGCM(bytes(data_key)).encrypt(nonce, bytes(payload), associated_data(key_id))
+    aad = associated_data(key_id, VERSION, sealed_at)
+    ciphertext = AESGCM(bytes(data_key)).encrypt(nonce, bytes(payload), aad)
     document = {
         "format": FORMAT,
         "version": VERSION,
         "key_id": key_id,
         "encryption-context": ENCRYPTION_CONTEXT,
+        "sealed-at": sealed_at,
         "data-key-ciphertext-base64": _b64text(data_key_ciphertext),
         "nonce-base64": _b64text(nonce),
         "ciphertext-base64": _b64text(ciphertext),
@@ -418,6 +456,11 @@ def _finish(document: dict[str, Any]) -> bytes:
             f"the sealed envelope would be {len(out)} bytes, over the limit of {_mib(MAX_ENVELOPE_BYTES)}"
         )
     return out
+
+
+def _iso_ms(ms: int) -> str:
+    seconds, fraction = divmod(ms, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{fraction:03d}Z"
 
 
 def _b64text(data: bytes) -> str:

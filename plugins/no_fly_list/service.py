@@ -41,7 +41,7 @@ from plugins.no_fly_list.normalize import MAX_NAME_CHARS, normalize
 from plugins.no_fly_list.ratelimit import RateLimiter, retry_after
 from plugins.no_fly_list.source import SourceError, content_id, fetch
 from sidecar.context import PluginContext, ServiceNotConfigured
-from sidecar.logs import event
+from sidecar.logs import event, iso_ms
 from sidecar.routes import Listener, Route
 from sidecar.server import JSON_HEADERS as JSON_ERROR_HEADERS
 from sidecar.server import REQUEST_ID, PluginStartupError, json_error
@@ -258,6 +258,7 @@ class NoFlyService:
         self.metrics = Metrics()
         self.index: NameIndex | None = None
         self.tag: str | None = None  # the version tag of the envelope in use
+        self.sealed_at: int | None = None  # when the list in use was sealed (ms), if its envelope says
         self.failed_tag: str | None = None  # a newer envelope that failed for good (not retried)
         self._tasks: list[asyncio.Task[None]] = []
         # Retry-After value -> the 429 body around the request id, and the headers (see _too_many).
@@ -285,13 +286,13 @@ class NoFlyService:
         try:
             data, tag = await fetch(self.context, self.location, None)
             assert data is not None  # no tag was given, so there is always data
-            index, kind = await self.load(data)
+            index, kind, envelope = await self.load(data)
         except (SourceError, LoadError) as exc:
             raise PluginStartupError(f"list not loaded: {exc}") from None
         except Exception as exc:
             self._unexpected("load", exc)
             raise PluginStartupError(f"list not loaded: unexpected {type(exc).__name__}") from None
-        self.index, self.tag = index, tag
+        self.index, self.tag, self.sealed_at = index, tag, envelope.sealed_at
         event(self.log, logging.INFO, "no_fly_loaded", entries=len(index), envelope=self.location, kind=kind)
         loop = asyncio.get_running_loop()
         if self.reload_interval > 0:
@@ -309,8 +310,9 @@ class NoFlyService:
         if self.metrics_interval > 0:
             self.report_metrics()
 
-    async def load(self, data: bytes) -> tuple[NameIndex, str]:
-        """Envelope bytes -> (index, envelope kind). Raises :class:`LoadError` with a safe reason."""
+    async def load(self, data: bytes) -> tuple[NameIndex, str, Envelope]:
+        """Envelope bytes -> (index, envelope kind, the envelope). Raises :class:`LoadError` with a
+        safe reason. The envelope's seal time is authentic: it opened."""
         try:
             envelope = parse_envelope(data)
         except EnvelopeError as exc:
@@ -326,7 +328,7 @@ class NoFlyService:
             raise LoadError(self._kms_problem(exc)) from None
         # CPU-bound (a 1M-name list takes a second or two): off the event loop, which keeps serving.
         index = await asyncio.to_thread(_open_and_index, envelope, answer)
-        return index, envelope.kind
+        return index, envelope.kind, envelope
 
     def _kms_problem(self, exc: Exception) -> str:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -367,7 +369,7 @@ class NoFlyService:
             self.tag, self.failed_tag = tag, None  # a bad version was replaced by the list in use
             return False
         try:
-            index, kind = await self.load(data)
+            index, kind, envelope = await self.load(data)
         except LoadError as exc:
             if exc.permanent:
                 self.failed_tag = tag  # this version can never load: wait for the next one
@@ -377,17 +379,47 @@ class NoFlyService:
             self._unexpected("reload", exc)
             self._reload_failed(f"unexpected {type(exc).__name__}")
             return False
+        if (stale := self._older_than_in_use(envelope)) is not None:
+            # An older genuine envelope put back (by anyone who can write the object) would undo an
+            # update: names added since would be cleared to fly. Keep the list in use.
+            self.failed_tag = tag
+            self._reload_failed(stale)
+            return False
         if not len(index) and len(self.index or ()):
             # A genuine but empty envelope would clear every passenger at once; far more likely a
             # mistake or an old envelope put back than a real list. Keep the list in use.
             self.failed_tag = tag
             self._reload_failed("the new list is empty; keeping the list in use")
             return False
-        self.index, self.tag, self.failed_tag = index, tag, None  # the atomic swap
+        self.index, self.tag, self.failed_tag, self.sealed_at = (
+            index,
+            tag,
+            None,
+            envelope.sealed_at,
+        )  # the swap
         self.metrics.reloads += 1
         entries = len(index)
         event(self.log, logging.INFO, "no_fly_reloaded", entries=entries, envelope=self.location, kind=kind)
         return True
+
+    def _older_than_in_use(self, envelope: Envelope) -> str | None:
+        """Why ``envelope`` may not replace the list in use (it was sealed before it), or None.
+
+        Only a surely older envelope is refused: two sealed in the same millisecond (or, for the
+        original format, whose timestamp counts seconds, the same second) cannot be ordered.
+        """
+        current = self.sealed_at
+        if current is None:
+            return None  # the list in use has no seal time (sealed before the field existed)
+        sealed_by = envelope.sealed_by
+        if sealed_by is None:
+            return "the new envelope has no seal time and the list in use has one; keeping the list in use"
+        if sealed_by < current:
+            return (
+                f"the new envelope was sealed at {iso_ms(envelope.sealed_at or 0)}, before the list in "
+                f"use ({iso_ms(current)}); keeping the list in use"
+            )
+        return None
 
     def _reload_failed(self, reason: str) -> None:
         self.metrics.reload_failures += 1

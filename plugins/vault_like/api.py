@@ -61,7 +61,7 @@ VAULT_REQUEST_ID: Final = web.RequestKey("vault_like.request_id", str)
 if TYPE_CHECKING:
     from plugins.vault_like.service import VaultService
 
-PATH: Final = "/v1/{path:.*}"
+PATH: Final = "/v1/{path:[\\s\\S]*}"  # [\s\S]: "." would leave out a path with an encoded newline
 METHODS: Final = ("GET", "POST", "PUT", "PATCH", "DELETE", "LIST")  # a GET route answers HEAD too
 UNAUTHENTICATED: Final = frozenset({"sys/health", "sys/seal-status", "sys/init", "sys/leader"})
 MAX_TOKEN_CHARS: Final = 512  # longer is no token of ours: refused before any lookup
@@ -384,6 +384,11 @@ class VaultApi:
                 auth_block, request_block, exc.status, exc.data, None, None, _error_text(exc)
             )
             return self._render_error(exc, request_id)
+        except Exception:
+            # The request ran (perhaps partly): its response entry says it failed before any answer
+            # leaves, as Vault's does. The 500 itself is rendered by handle().
+            await self._audit_response(auth_block, request_block, 500, None, None, None, "internal error")
+            raise
         status = response.status or (200 if _has_body(response) else 204)
         await self._audit_response(
             auth_block, request_block, status, response.data, response.auth, response.warnings, ""

@@ -12,9 +12,10 @@ before it runs, or withholds its answer.
   together in the next, so a request waits for about one S3 round trip (two: its request entry,
   then its response entry) however many run at once. Each batch is a new object (JSON lines) named
   ``PREFIX/<UTC time>-<boot id>-<sequence>.jsonl``, written with ``If-None-Match: *`` so no batch
-  ever replaces another; sorting the keys orders them in time, and the sequence shows a gap if an
-  object is deleted. Audit entries hash every secret (HMAC-SHA256 under the store's salt), so the
-  bucket holds no secret; still, give the enclave's role ``s3:PutObject`` only on that prefix.
+  ever replaces another; sorting the keys orders them in time. A gap in the sequence is a failed or
+  retried put (see the ``vault_audit_failed`` events) or an object deleted since. Audit entries
+  hash every secret (HMAC-SHA256 under the store's salt), so the bucket holds no secret; still,
+  give the enclave's role ``s3:PutObject`` only on that prefix.
 """
 
 from __future__ import annotations
@@ -244,12 +245,11 @@ class S3AuditSink:
         )
 
     async def close(self) -> None:
-        """Wait for the entries already accepted; then refuse new ones."""
-        flusher = self._flusher
-        if flusher is not None:
+        """Refuse new entries, then wait until the ones already accepted are written (or failed)."""
+        self._open = False
+        while (flusher := self._flusher) is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(flusher)
-        self._open = False
 
 
 def _settle(waiters: list[asyncio.Future[None]], error: AuditError | None) -> None:

@@ -81,7 +81,11 @@ class AttestedKms:
         a PCR (>= 16) precisely to lose access to a key; a cached document would outlive that.
         """
         try:
-            document = self._attest(nonce=None, user_data=None, public_key=self._recipient.spki_der)
+            # user_data binds the key as the sidecar's own attestation endpoint does (SHA-256 of it),
+            # so a verifier that checks the binding accepts these documents too.
+            document = self._attest(
+                nonce=None, user_data=self._recipient.spki_sha256, public_key=self._recipient.spki_der
+            )
         except Exception as exc:  # the NSM is gone or refused: nothing secret may be asked for
             raise AttestedKmsError(f"cannot get an attestation document: {exc}") from exc
         return {"AttestationDocument": document, "KeyEncryptionAlgorithm": RECIPIENT_ALGORITHM}

@@ -94,8 +94,13 @@ async def run_host(plan: HostPlan, stop: asyncio.Event | None = None) -> int:
             closers.append(egress.close)
             ready["egress"] = str(egress.endpoint)
         if plan.forwards:
+            # The same bound as for egress tunnels (found by review: none at all before, so idle
+            # connections from outside could use up the process's file descriptors).
             bridges = await start_forwarders(
-                plan.forwards, idle_timeout=plan.idle_timeout, connect_timeout=plan.connect_timeout
+                plan.forwards,
+                idle_timeout=plan.idle_timeout,
+                connect_timeout=plan.connect_timeout,
+                max_connections=plan.max_tunnels,
             )
             closers.append(bridges.close)
             ready["ingress"] = [f"{b.endpoint} -> {b.target}" for b in bridges.bridges]
@@ -190,7 +195,13 @@ async def _relay_stop(stop: asyncio.Event, done: _Stop) -> None:
 )
 @click.option("--idle-timeout", type=click.FloatRange(0.1, 86400.0), default=300.0, show_default=True)
 @click.option("--connect-timeout", type=click.FloatRange(0.1, 600.0), default=10.0, show_default=True)
-@click.option("--max-tunnels", type=click.IntRange(1, 65536), default=512, show_default=True)
+@click.option(
+    "--max-tunnels",
+    type=click.IntRange(1, 65536),
+    default=512,
+    show_default=True,
+    help="concurrent egress tunnels, and concurrent connections on each forwarded ingress port",
+)
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
 def host(
     manifest_path: str | None,

@@ -115,7 +115,10 @@ async def _start_vsock_side(
 
     net = setup.network
     pairs = vsock_ingress_pairs(setup.ingress_ports, cid=VMADDR_CID_ANY)
-    bridges = await start_ingress_bridges(pairs, idle_timeout=net.idle_timeout)
+    # Bounded like egress: idle connections must not use up the sidecar's file descriptors.
+    bridges = await start_ingress_bridges(
+        pairs, idle_timeout=net.idle_timeout, max_connections=net.max_tunnels
+    )
     stack.push_async_callback(bridges.close)
     streams = await start_streams(
         log_endpoint=vsock(VMADDR_CID_ANY, net.log_vsock_port),
