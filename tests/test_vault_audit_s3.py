@@ -190,14 +190,20 @@ class ScriptedS3:
         return {"ETag": '"x"'}
 
 
+async def scripted_sink(client: ScriptedS3 | None = None) -> tuple[Any, S3AuditSink]:
+    """An open sink on a scripted client (a new ScriptedS3 unless given)."""
+    client = client or ScriptedS3()
+    sink = S3AuditSink(client, "b", "p", logging.getLogger("test"))
+    await sink.open()
+    return client, sink
+
+
 async def wait_entered(client: ScriptedS3) -> None:
     assert await asyncio.to_thread(client.entered.acquire, True, 10)
 
 
 async def test_entries_arriving_during_a_put_go_together_in_the_next() -> None:
-    client = ScriptedS3()
-    sink = S3AuditSink(client, "b", "p", logging.getLogger("test"))
-    await sink.open()
+    client, sink = await scripted_sink()
     first = asyncio.ensure_future(sink.append(b"1\n"))
     await wait_entered(client)  # the first PutObject is in flight
     rest = [asyncio.ensure_future(sink.append(f"{i}\n".encode())) for i in range(2, 6)]
@@ -221,9 +227,7 @@ async def test_a_batch_is_capped_and_order_is_kept(monkeypatch: pytest.MonkeyPat
 
 
 async def test_a_client_that_goes_away_does_not_cancel_the_batch_others_wait_on() -> None:
-    client = ScriptedS3()
-    sink = S3AuditSink(client, "b", "p", logging.getLogger("test"))
-    await sink.open()
+    client, sink = await scripted_sink()
     gone = asyncio.ensure_future(sink.append(b"gone\n"))
     await wait_entered(client)
     gone.cancel()  # the request's client disconnected while its entry was being written
@@ -328,9 +332,7 @@ async def test_an_unforeseen_put_failure_fails_the_waiters_instead_of_hanging_th
 
 
 async def test_closing_during_a_put_fails_the_queued_entries_instead_of_hanging_them() -> None:
-    client = ScriptedS3()
-    sink = S3AuditSink(client, "b", "p", logging.getLogger("test"))
-    await sink.open()
+    client, sink = await scripted_sink()
     first = asyncio.ensure_future(sink.append(b"1\n"))
     await wait_entered(client)
     queued = asyncio.ensure_future(sink.append(b"2\n"))
@@ -382,9 +384,7 @@ async def test_a_batch_whose_key_exists_is_written_under_a_new_key_never_dropped
 async def test_close_refuses_new_entries_at_once_and_waits_for_the_accepted_ones() -> None:
     """Found by review: an entry appended while close() waited started a new PutObject that ran
     after close() had returned."""
-    client = ScriptedS3()
-    sink = S3AuditSink(client, "b", "p", logging.getLogger("test"))
-    await sink.open()
+    client, sink = await scripted_sink()
     accepted = asyncio.ensure_future(sink.append(b"accepted\n"))
     await wait_entered(client)
     closing = asyncio.ensure_future(sink.close())
