@@ -665,3 +665,15 @@ async def test_on_the_real_barrier_store() -> None:
     assert await tokens.revoke(parent) == 2
     assert await tokens.lookup(child["client_token"]) is None
     assert await tokens.lookup(root) is not None
+
+
+async def test_found_by_review_renewal_and_explicit_max_follow_vault(world: World) -> None:
+    """Threat: a 1h token renewed without an increment came back as a 768h one (any holder could
+    stretch its own token 32 days), and a root token with explicit_max_ttl 1h never expired."""
+    root = await world.tokens.create_root()
+    token, auth = await world.create(root, policies=["app"], ttl="1h")
+    assert auth["lease_duration"] == 3600
+    renewed = await world.call(token, "renew-self", {})
+    assert renewed.auth is not None and renewed.auth["lease_duration"] == 3600  # its own TTL again
+    _, auth = await world.create(root, explicit_max_ttl="1h")
+    assert auth["policies"] == ["root"] and auth["lease_duration"] == 3600

@@ -176,3 +176,55 @@ async def test_encrypt_creates_missing_key_and_existence(transit: Transit) -> No
     assert await transit.existence(request) is True
     assert await transit.existence(LogicalRequest("update", "keys/new")) is True
     assert await transit.existence(LogicalRequest("update", "decrypt/new")) is None
+
+
+async def test_found_by_review_associated_data_is_authenticated(transit: Transit) -> None:
+    """Threat: associated_data was ignored, so a ciphertext bound to tenant A decrypted for B."""
+    tenant_a = b64(b"tenant-a")
+    sealed = await call(
+        transit, "update", "encrypt/k", {"plaintext": b64(b"secret"), "associated_data": tenant_a}
+    )
+    assert sealed.data is not None
+    ciphertext = sealed.data["ciphertext"]
+    opened = await call(
+        transit, "update", "decrypt/k", {"ciphertext": ciphertext, "associated_data": tenant_a}
+    )
+    assert opened.data == {"plaintext": b64(b"secret")}
+    for other in ({}, {"associated_data": b64(b"tenant-b")}):
+        assert await error(transit, "update", "decrypt/k", {"ciphertext": ciphertext, **other}) == (
+            400,
+            ["cipher: message authentication failed"],
+        )
+
+
+@pytest.mark.parametrize(
+    ("path", "data", "name"),
+    [
+        ("keys/d", {"derived": True}, "derived"),
+        ("keys/e", {"exportable": True}, "exportable"),
+        ("keys/c", {"convergent_encryption": True}, "convergent_encryption"),
+        ("encrypt/k", {"plaintext": "", "context": "Y3R4"}, "context"),
+        ("encrypt/k", {"batch_input": [{"plaintext": ""}]}, "batch_input"),
+    ],
+)
+async def test_found_by_review_unsupported_options_are_refused_not_ignored(
+    transit: Transit, path: str, data: dict[str, object], name: str
+) -> None:
+    """Threat: a "derived" key created as an underived one loses the per-context key separation
+    the caller asked for, silently."""
+    if "batch_input" in data:
+        data = {"plaintext": "", **data}
+    assert await error(transit, "update", path, data) == (
+        400,
+        [f"{name!r} is not supported by this transit engine"],
+    )
+
+
+async def test_key_version_may_be_a_decimal_string(transit: Transit) -> None:
+    # The bao CLI sends every field as a string (key_version=1).
+    sealed = await call(transit, "update", "encrypt/k", {"plaintext": b64(b"x"), "key_version": "1"})
+    assert sealed.data is not None and sealed.data["key_version"] == 1
+    for bad in ("\u00b2", "-1", "one", True):
+        assert (await error(transit, "update", "encrypt/k", {"plaintext": b64(b"x"), "key_version": bad}))[
+            0
+        ] == 400

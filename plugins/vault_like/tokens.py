@@ -698,6 +698,8 @@ class TokenStore:
 
         if ttl == 0 and "root" not in policies:
             ttl = DEFAULT_TTL
+        elif ttl == 0 and explicit_max:
+            ttl = explicit_max  # a root token with an explicit max lives that long, not for ever (as Vault)
         max_ttl = MAX_TTL
         if explicit_max and explicit_max < max_ttl:
             max_ttl = explicit_max
@@ -753,7 +755,9 @@ class TokenStore:
         if increment < 0:
             raise VaultError(400, "increment must be positive")
         now = self._clock()
-        wanted = increment or DEFAULT_TTL
+        # Without an increment a token renews by its own creation TTL, as in Vault (a 1h token
+        # stays a 1h token, not 768h).
+        wanted = increment or target.ttl or DEFAULT_TTL
         max_total = MAX_TTL
         if target.explicit_max_ttl and target.explicit_max_ttl < max_total:
             max_total = target.explicit_max_ttl

@@ -72,6 +72,37 @@ def _describe(policy: Doc) -> Doc:
     }
 
 
+# Options this engine does not implement: a request that sets one is refused, never served as if it
+# had not (a "derived" key made underived would lose the per-context key separation it asked for).
+_UNSUPPORTED_KEY_OPTIONS: Final = ("derived", "convergent_encryption", "exportable", "allow_plaintext_backup")
+_UNSUPPORTED_DATA_OPTIONS: Final = ("context", "nonce", "batch_input")
+
+
+def _refuse_unsupported(body: Doc, names: tuple[str, ...]) -> None:
+    for name in names:
+        if body.get(name) not in (None, False, "", [], "false"):
+            raise VaultError(400, f"{name!r} is not supported by this transit engine")
+
+
+def _associated_data(body: Doc) -> bytes | None:
+    """aes256-gcm96's optional associated data (base64), authenticated with the ciphertext as in Vault."""
+    value = body.get("associated_data")
+    if value in (None, ""):
+        return None
+    return _b64decode(value, "failed to base64-decode associated data")
+
+
+def _key_version(value: Any) -> int:
+    """``key_version`` as a number or a decimal string (the CLI sends strings); 0 means the latest."""
+    if value in (None, ""):
+        return 0
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise VaultError(400, "invalid key_version")
+    return value
+
+
 def _b64decode(text: Any, error: str) -> bytes:
     if not isinstance(text, str):
         raise VaultError(400, error)
@@ -137,6 +168,7 @@ class Transit:
         key_type = body.get("type") or KEY_TYPE
         if key_type != KEY_TYPE:
             raise VaultError(400, f"unknown key type {key_type}")
+        _refuse_unsupported(body, _UNSUPPORTED_KEY_OPTIONS)
         policy = await self._get_or_create(name)
         return LogicalResponse(data=_describe(policy))
 
@@ -182,10 +214,10 @@ class Transit:
         if "plaintext" not in body:
             raise VaultError(400, "missing plaintext to encrypt")
         plaintext = _b64decode(body["plaintext"], "illegal base64 data at input byte 0")
+        _refuse_unsupported(body, _UNSUPPORTED_DATA_OPTIONS)
+        aad = _associated_data(body)
         policy = await self._get_or_create(name)  # Vault's upsert: encrypt creates a missing key
-        version = body.get("key_version") or 0
-        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-            raise VaultError(400, "invalid key_version")
+        version = _key_version(body.get("key_version"))
         if version == 0:
             version = policy["latest"]
         if version > policy["latest"]:
@@ -196,7 +228,7 @@ class Transit:
             )
         key = base64.b64decode(policy["keys"][str(version)]["key"])
         nonce = os.urandom(NONCE_BYTES)
-        sealed = AESGCM(key).encrypt(nonce, plaintext, None)
+        sealed = AESGCM(key).encrypt(nonce, plaintext, aad)
         ciphertext = f"vault:v{version}:" + base64.b64encode(nonce + sealed).decode()
         return LogicalResponse(data={"ciphertext": ciphertext, "key_version": version})
 
@@ -206,6 +238,8 @@ class Transit:
             raise VaultError(400, "missing ciphertext to decrypt")
         if not isinstance(text, str):
             raise VaultError(400, "invalid ciphertext: no prefix")
+        _refuse_unsupported(body, _UNSUPPORTED_DATA_OPTIONS)
+        aad = _associated_data(body)
         policy = await self.store.read("policy/" + name)
         if policy is None:
             raise VaultError(400, "encryption key not found")
@@ -224,7 +258,7 @@ class Transit:
             raise VaultError(400, "invalid ciphertext length")
         key = base64.b64decode(policy["keys"][str(version)]["key"])
         try:
-            plaintext = AESGCM(key).decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], None)
+            plaintext = AESGCM(key).decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], aad)
         except InvalidTag:
             raise VaultError(400, "cipher: message authentication failed") from None
         return LogicalResponse(data={"plaintext": base64.b64encode(plaintext).decode()})
