@@ -143,6 +143,9 @@ def serve(
         provide_services(services, manifest, settings, "emulator" if dev else None)
     except (NsmError, MeasureError, DevPkiError) as exc:
         fail(f"{exc} (set attestation.nsm in sidecar.yaml: device, emulator or off)", code=1)
+    except OSError as exc:  # e.g. a state directory that cannot be made (--state-dir /dev/null/x)
+        where = f" {exc.filename}" if exc.filename else ""
+        fail(f"cannot prepare{where}: {exc.strerror or exc}")
     if dev:
         from sidecar.devworld.world import run_dev_world
 
@@ -319,11 +322,16 @@ def trust(
 
 
 def _read_file(path: str | None, option: str) -> bytes:
+    from sidecar.files import FileProblem, read_regular_file
+
     assert path is not None
     try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        fail(f"{option} {path}: {exc.strerror}")
+        return read_regular_file(path, MAX_INPUT_FILE_BYTES)
+    except FileProblem as exc:
+        fail(f"{option} {path}: {exc}")
+
+
+MAX_INPUT_FILE_BYTES = 1 << 20  # an attestation document or a root certificate is a few KiB
 
 
 @cli.command()
@@ -347,7 +355,7 @@ def policy(pcr0: str | None, pcrs: tuple[str, ...], principal: str | None, key_a
     parsed: dict[int, str] = {}
     for item in pcrs:
         index, sep, value = item.partition("=")
-        if not sep or not index.isdigit():
+        if not sep or not (index.isascii() and index.isdigit()):  # "²".isdigit() is true
             fail(f"--pcr {item!r}: expected N=HEX")
         parsed[int(index)] = value
     try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from sidecar.files import FileProblem, read_regular_file
 from sidecar.schema import (
     MASK,
     Bool,
@@ -99,11 +99,14 @@ def load_yaml(path: Path) -> Any:
         size = path.stat().st_size
         if size > MAX_CONFIG_BYTES:
             raise ConfigError(path, "", f"file is {size} bytes; the limit is {MAX_CONFIG_BYTES}")
-        text = path.read_text(encoding="utf-8")
+        # Never blocks or runs away: /dev/zero or a FIFO has a size of 0 and is refused here.
+        text = read_regular_file(path, MAX_CONFIG_BYTES).decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(path, "", "file not found") from None
     except UnicodeDecodeError:
         raise ConfigError(path, "", "file is not valid UTF-8") from None
+    except FileProblem as exc:
+        raise ConfigError(path, "", f"cannot read file: {exc}") from None
     except OSError as exc:
         raise ConfigError(path, "", f"cannot read file: {exc.strerror}") from None
     try:
@@ -181,27 +184,14 @@ def read_secret_file(file: Path, shown: str, path: str) -> bytes:
     """A regular file's bytes, at most :data:`MAX_SECRET_FILE_BYTES`. Never blocks: a FIFO, a device
     (/dev/zero) or a directory is refused before it is read."""
     try:
-        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise SchemaError(path, f"cannot read secret file {shown}: {exc.strerror}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise SchemaError(path, f"secret file {shown} is not a regular file")
-        chunks: list[bytes] = []
-        size = 0
-        while size <= MAX_SECRET_FILE_BYTES:
-            chunk = os.read(fd, MAX_SECRET_FILE_BYTES + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    except OSError as exc:
-        raise SchemaError(path, f"cannot read secret file {shown}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    if size > MAX_SECRET_FILE_BYTES:
-        raise SchemaError(path, f"secret file {shown} is larger than {MAX_SECRET_FILE_BYTES} bytes")
-    return b"".join(chunks)
+        return read_regular_file(file, MAX_SECRET_FILE_BYTES)
+    except FileProblem as exc:
+        problem = str(exc)
+        if problem.startswith(("not a regular file", "Is a directory")):
+            raise SchemaError(path, f"secret file {shown} is not a regular file") from None
+        if problem.startswith("larger than"):
+            raise SchemaError(path, f"secret file {shown} is {problem}") from None
+        raise SchemaError(path, f"cannot read secret file {shown}: {problem}") from None
 
 
 # --------------------------------------------------------------------------- enclaver.yaml

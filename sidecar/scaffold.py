@@ -21,7 +21,9 @@ from typing import Final
 from sidecar import __version__
 
 # Lowercase so the entry-point name, the sidecar.yaml key and the module agree without surprises.
-NAME_PATTERN: Final = re.compile(r"^[a-z][a-z0-9_]*$")
+# \Z, not $: "$" also matches before a final newline. No trailing "_": "sidecar-NAME-" is not a valid
+# distribution name.
+NAME_PATTERN: Final = re.compile(r"^[a-z](?:[a-z0-9_]*[a-z0-9])?\Z")
 MAX_NAME_CHARS: Final = 40
 RESERVED: Final = frozenset({"sidecar", "plugins", "test", "tests"})
 
@@ -48,7 +50,7 @@ def plugin_names(name: str) -> PluginNames:
         suggestion = f" (e.g. {hint!r})" if hint and NAME_PATTERN.match(hint) else ""
         raise ScaffoldError(
             f"{name!r} is not a valid plugin name: use lowercase letters, digits and underscores, "
-            f"starting with a letter{suggestion}"
+            f"starting with a letter and not ending with an underscore{suggestion}"
         )
     if len(name) > MAX_NAME_CHARS:
         raise ScaffoldError(f"the plugin name is {len(name)} characters; the limit is {MAX_NAME_CHARS}")
@@ -96,6 +98,13 @@ def render(names: PluginNames) -> dict[str, str]:
 
 def check_target(target: Path) -> None:
     """Refuse a target that is not a directory, or a directory with anything in it."""
+    try:
+        _check_target(target)
+    except OSError as exc:  # a name too long, a path through a file, no permission
+        raise ScaffoldError(f"cannot use {target}: {exc.strerror or exc}") from None
+
+
+def _check_target(target: Path) -> None:
     if target.is_symlink():
         raise ScaffoldError(f"{target} is a symbolic link; give a real directory with --dir")
     if target.exists():

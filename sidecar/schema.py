@@ -78,7 +78,14 @@ class Field:
         raise NotImplementedError
 
     def problem(self, path: str, expected: str, value: Any) -> SchemaError:
-        shown = "a secret value" if self.secret else describe(value)
+        if self.secret:
+            shown = "a secret value"
+        elif not path and isinstance(value, str):
+            # A whole document that is one string is most likely the wrong file (a token, a key):
+            # never quote it.
+            shown = "a string"
+        else:
+            shown = describe(value)
         return SchemaError(path, f"expected {expected}, got {shown}")
 
 

@@ -265,7 +265,7 @@ def test_seal_without_a_region_says_so(aws: dict[str, Any], operator_env: Any, n
     result = run("seal", "--key-id", ALIAS, "--in", str(names_file), "--endpoint-url", aws["url"])
     assert (result.exit_code, result.stderr) == (
         2,
-        "error: no AWS region configured: pass --region or set AWS_REGION\n",
+        "error: no AWS region configured: pass --region or set AWS_DEFAULT_REGION\n",
     )
 
 

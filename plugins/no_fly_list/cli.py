@@ -32,6 +32,7 @@ from plugins.no_fly_list.envelope import (
 )
 from plugins.no_fly_list.normalize import MAX_NAME_CHARS, normalize
 from sidecar import hookimpl
+from sidecar.files import FileProblem, read_regular_file
 
 __all__ = ["NamesError", "Sealed", "parse_names", "parse_s3_url", "register_commands", "seal_names", "upload"]
 
@@ -145,7 +146,9 @@ def _read_names(path: str) -> list[str]:
             source = Path(path)
             if source.stat().st_size > MAX_INPUT_BYTES:
                 _fail(f"--in {path}: over {MAX_INPUT_BYTES} bytes, too large for one envelope")
-            data = source.read_bytes()
+            data = read_regular_file(source, MAX_INPUT_BYTES + 1)  # never /dev/zero or a FIFO
+    except FileProblem as exc:
+        _fail(f"--in {path}: {exc}")
     except OSError as exc:
         _fail(f"--in {path}: {exc.strerror or exc}")
     if len(data) > MAX_INPUT_BYTES:
@@ -225,11 +228,17 @@ def seal(
         kms = session.client("kms", endpoint_url=endpoint_url)
         sealed = seal_names(kms, key_id, names, fmt)
     except NoRegionError:
-        _fail("no AWS region configured: pass --region or set AWS_REGION")
+        _fail("no AWS region configured: pass --region or set AWS_DEFAULT_REGION")
     except EnvelopeError as exc:
         _fail(f"cannot seal: {exc}")
     except (BotoCoreError, ClientError) as exc:
         _fail(f"KMS GenerateDataKey with {key_id}: {_aws_error(exc)}", EXIT_FAILED)
+    except ValueError as exc:  # botocore's "Invalid endpoint: ..." for a malformed --endpoint-url
+        _fail(f"--endpoint-url {endpoint_url!r}: {str(exc).splitlines()[0][:200]}")
+    except (KeyError, TypeError, AttributeError) as exc:  # an endpoint that is not KMS answered
+        _fail(
+            f"KMS GenerateDataKey with {key_id}: the answer is not KMS's ({type(exc).__name__})", EXIT_FAILED
+        )
     del names
     to_stdout = out_path is None and upload_url is None
 
@@ -238,8 +247,11 @@ def seal(
 
     report(f"sealed {sealed.count} names under {sealed.key_arn} ({fmt}, {len(sealed.envelope)} bytes)")
     if to_stdout:
-        sys.stdout.buffer.write(sealed.envelope)
-        sys.stdout.buffer.flush()
+        try:
+            sys.stdout.buffer.write(sealed.envelope)
+            sys.stdout.buffer.flush()
+        except OSError as exc:  # a full disk, a closed pipe
+            _fail(f"cannot write the envelope to stdout: {exc.strerror or exc}", EXIT_FAILED)
         return
     if out_path is not None:
         try:
@@ -274,7 +286,9 @@ def check_envelope(file: str, as_json: bool) -> None:
                 _fail(
                     f"{file}: envelope is {size} bytes, over the limit of {MAX_ENVELOPE_BYTES}", EXIT_FAILED
                 )
-            data = Path(file).read_bytes()
+            data = read_regular_file(file, MAX_ENVELOPE_BYTES + 1)  # never /dev/zero or a FIFO
+    except FileProblem as exc:
+        _fail(f"{file}: {exc}")
     except OSError as exc:
         _fail(f"{file}: {exc.strerror or exc}")
     try:

@@ -12,10 +12,12 @@ The address is ``--address``, else ``VAULT_ADDR`` / ``BAO_ADDR``, else ``http://
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import ssl
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any, Final, NoReturn
 
@@ -25,6 +27,7 @@ from sidecar import hookimpl
 
 DEFAULT_ADDRESS: Final = "http://127.0.0.1:8200"
 TIMEOUT: Final = 60.0  # initialisation includes an attested KMS round trip
+MAX_ANSWER_BYTES: Final = 1 << 20  # sys/init and sys/seal-status answer a few hundred bytes
 EXIT_FAILED: Final = 1
 EXIT_SEALED: Final = 2
 
@@ -37,6 +40,13 @@ def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
 def _address(address: str | None) -> str:
     value = address or os.environ.get("VAULT_ADDR") or os.environ.get("BAO_ADDR") or DEFAULT_ADDRESS
     if not value.startswith(("http://", "https://")):
+        _fail(f"--address {value!r}: expected http://HOST:PORT or https://HOST:PORT", 2)
+    try:
+        parts = urllib.parse.urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError as exc:
+        _fail(f"--address {value!r}: {exc}", 2)
+    if not parts.hostname or not value.isprintable() or " " in value:
         _fail(f"--address {value!r}: expected http://HOST:PORT or https://HOST:PORT", 2)
     return value.rstrip("/")
 
@@ -51,15 +61,21 @@ def _call(
         request.add_header("Content-Type", "application/json")
     context = None
     if address.startswith("https://"):
-        context = ssl.create_default_context(cafile=ca_cert or os.environ.get("VAULT_CACERT") or None)
+        cafile = ca_cert or os.environ.get("VAULT_CACERT") or None
+        try:
+            context = ssl.create_default_context(cafile=cafile)
+        except (OSError, ssl.SSLError) as exc:  # missing, a directory, not PEM
+            _fail(f"--ca-cert {cafile}: {getattr(exc, 'strerror', None) or exc.__class__.__name__}", 2)
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT, context=context) as response:  # noqa: S310
-            status, raw = response.status, response.read()
+            status, raw = response.status, response.read(MAX_ANSWER_BYTES)
     except urllib.error.HTTPError as exc:
-        status, raw = exc.code, exc.read()
+        status, raw = exc.code, exc.read(MAX_ANSWER_BYTES)
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         _fail(f"cannot reach {address}: {reason}")
+    except (http.client.HTTPException, ValueError) as exc:  # not HTTP (a garbage status line), a bad URL
+        _fail(f"cannot talk to {address}: {exc.__class__.__name__}")
     try:
         return status, json.loads(raw) if raw else None
     except ValueError:

@@ -31,9 +31,10 @@ ADMIN_ACTIONS = [
     "kms:UntagResource",
     "kms:Update*",
 ]
-PCR_HEX = re.compile(r"^[0-9a-fA-F]{96}$")
-ARN = re.compile(r"^arn:aws[a-z-]*:(iam|sts)::(\d{12}):[\w+=,.@/-]+$")
-KEY_ARN = re.compile(r"^arn:aws[a-z-]*:kms:[a-z0-9-]+:\d{12}:key/[\w-]+$")
+# Used with fullmatch: "$" would also accept a final newline, and a policy naming "…\n" never matches.
+PCR_HEX = re.compile(r"[0-9a-fA-F]{96}")
+ARN = re.compile(r"arn:aws[a-z-]*:(iam|sts)::(\d{12}):[\w+=,.@/-]+", re.ASCII)
+KEY_ARN = re.compile(r"arn:aws[a-z-]*:kms:[a-z0-9-]+:\d{12}:key/[\w-]+", re.ASCII)
 
 
 class PolicyInputError(ValueError):
@@ -41,7 +42,7 @@ class PolicyInputError(ValueError):
 
 
 def check_pcr(label: str, value: str) -> str:
-    if not PCR_HEX.match(value):
+    if not PCR_HEX.fullmatch(value):
         raise PolicyInputError(
             f"{label} must be 96 hex digits (a SHA-384 measurement), got {len(value)} characters"
         )
@@ -64,14 +65,14 @@ def key_policy(
         conditions[f"kms:RecipientAttestation:PCR{index}"] = check_pcr(f"--pcr {index}", value)
     if not conditions:
         raise PolicyInputError("give --pcr0 or at least one --pcr N=HEX: an unpinned key protects nothing")
-    if principal is not None and not ARN.match(principal):
+    if principal is not None and not ARN.fullmatch(principal):
         raise PolicyInputError(f"--principal must be an IAM or STS ARN, got {principal!r}")
-    if key_arn is not None and not KEY_ARN.match(key_arn):
+    if key_arn is not None and not KEY_ARN.fullmatch(key_arn):
         raise PolicyInputError(f"--key-arn must be a KMS key ARN, got {key_arn!r}")
     resource = key_arn or "*"
     statements: list[dict[str, Any]] = []
     if principal is not None:
-        account = ARN.match(principal).group(2)  # type: ignore[union-attr]
+        account = ARN.fullmatch(principal).group(2)  # type: ignore[union-attr]
         statements.append(
             {
                 "Sid": "AdministerTheKeyWithoutUsingIt",
