@@ -740,6 +740,7 @@ class Server:
     rps: list[float] = field(default_factory=list)
     p99_ms: list[float] = field(default_factory=list)
     cpu_us: list[float] = field(default_factory=list)
+    sys_us: list[float] = field(default_factory=list)  # of cpu_us, the kernel's share
     busy: list[float] = field(default_factory=list)
     other: list[float] = field(default_factory=list)
     non2xx: list[float] = field(default_factory=list)  # share of answers that were not 2xx
@@ -1049,6 +1050,8 @@ def record(server: Server, m: Measurement) -> None:
     if m.cpu_us is not None and m.busy is not None:
         server.cpu_us.append(m.cpu_us)
         server.busy.append(m.busy)
+    if m.sys_us is not None:
+        server.sys_us.append(m.sys_us)
     if m.other is not None:
         server.other.append(m.other)
     server.errors.append(m.result.socket_errors)
@@ -1229,19 +1232,22 @@ def report_http(servers: list[Server], args: argparse.Namespace, elapsed: float,
     )
     header = (
         f"{'server':<11} {'req/s median':>12} {'min':>8} {'max':>8} {'p99 ms':>7} {'CPU us/req':>10} "
-        f"{'CPU busy':>8} {'non-2xx':>8}"
+        f"{'of it sys':>9} {'CPU busy':>8} {'non-2xx':>8}"
     )
     print(header)
     print("-" * len(header))
     for s in servers:
         cpu = f"{median(s.cpu_us):>10.1f}" if s.cpu_us else f"{'n/a':>10}"
+        kernel = f"{median(s.sys_us):>9.1f}" if s.sys_us else f"{'n/a':>9}"
         busy = f"{median(s.busy):>8.0%}" if s.busy else f"{'n/a':>8}"
         print(
             f"{s.name:<11} {median(s.rps):>12.0f} {min(s.rps):>8.0f} {max(s.rps):>8.0f} "
-            f"{median(s.p99_ms):>7.2f} {cpu} {busy} {median(s.non2xx):>8.1%}"
+            f"{median(s.p99_ms):>7.2f} {cpu} {kernel} {busy} {median(s.non2xx):>8.1%}"
         )
     print("(CPU us/req and CPU busy: the server process's own CPU time, all its threads; busy ~100% = it was")
-    print(" the bottleneck. non-2xx: share of answers that were not 2xx, e.g. 429s)")
+    print(" the bottleneck. of it sys: kernel time, mostly sending the answer and waking wrk; on a VM a")
+    print(" slower server pays more per request for the wake-up. non-2xx: share of answers that were not")
+    print(" 2xx, e.g. 429s)")
     print_noise([o for s in servers for o in s.other], args.rounds, noisy)
     problems = [f"{s.name}: {e}" for s in servers for e in s.errors if e]
     if problems:

@@ -126,6 +126,7 @@ class Server:
     rps: list[float] = field(default_factory=list)
     p99_ms: list[float] = field(default_factory=list)
     cpu_us: list[float] = field(default_factory=list)  # server CPU time per request, microseconds
+    sys_us: list[float] = field(default_factory=list)  # of cpu_us, the kernel's share
     busy: list[float] = field(default_factory=list)  # server CPU time / wall time (1.0 = one full core)
     other: list[float] = field(default_factory=list)  # cores used by everything but server and load tool
     errors: list[str] = field(default_factory=list)
@@ -302,6 +303,8 @@ def record(server: Server, m: Measurement) -> None:
     if m.cpu_us is not None and m.busy is not None:
         server.cpu_us.append(m.cpu_us)
         server.busy.append(m.busy)
+    if m.sys_us is not None:
+        server.sys_us.append(m.sys_us)
     if m.other is not None:
         server.other.append(m.other)
 
@@ -422,18 +425,21 @@ def report(servers: list[Server], tool: str, duration: int, rounds: int, elapsed
     print(f"{HEALTH}, {tool} -c{CONNECTIONS}, {rounds} rounds x {duration}s interleaved; median of rounds")
     header = (
         f"{'server':<14} {'req/s median':>12} {'min':>8} {'max':>8} {'p99 ms':>7} "
-        f"{'CPU us/req':>10} {'CPU busy':>8}"
+        f"{'CPU us/req':>10} {'of it sys':>9} {'CPU busy':>8}"
     )
     print(header)
     print("-" * len(header))
     for s in servers:
         cpu = f"{median(s.cpu_us):>10.1f}" if s.cpu_us else f"{'n/a':>10}"
+        kernel = f"{median(s.sys_us):>9.1f}" if s.sys_us else f"{'n/a':>9}"
         busy = f"{median(s.busy):>8.0%}" if s.busy else f"{'n/a':>8}"
         print(
             f"{s.name:<14} {median(s.rps):>12.0f} {min(s.rps):>8.0f} {max(s.rps):>8.0f} "
-            f"{median(s.p99_ms):>7.2f} {cpu} {busy}"
+            f"{median(s.p99_ms):>7.2f} {cpu} {kernel} {busy}"
         )
-    print("(CPU us/req and CPU busy: the server process's own CPU time; busy ~100% = it was the bottleneck)")
+    print("(CPU us/req and CPU busy: the server process's own CPU time; busy ~100% = it was the bottleneck.")
+    print(" of it sys: kernel time, mostly sending the answer and waking wrk; on a VM a slower server pays")
+    print(" more per request for the wake-up, so requests/s ratios sit below the instruction ratios)")
     who = "other processes on the machine (and the hypervisor's steal)"
     print_noise([o for s in servers for o in s.other], rounds, noisy, who)
     print()

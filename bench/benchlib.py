@@ -44,11 +44,18 @@ def git_revision() -> str:
 
 def process_cpu_seconds(pid: int) -> float | None:
     """User + system CPU time of a running process, all its threads included."""
+    split = process_cpu_split(pid)
+    return None if split is None else split[0] + split[1]
+
+
+def process_cpu_split(pid: int) -> tuple[float, float] | None:
+    """(user, system) CPU time of a running process, all its threads included."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+        ticks = os.sysconf("SC_CLK_TCK")
+        return int(fields[11]) / ticks, int(fields[12]) / ticks
+    except (OSError, IndexError, ValueError):
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def machine_cpu_seconds() -> float | None:
@@ -203,6 +210,10 @@ class Measurement:
     cpu_us: float | None  # server CPU time per request, microseconds
     busy: float | None  # server CPU time / wall time (1.0 = one full core)
     other: float | None  # cores used by everything but the server and the load generator
+    # Of cpu_us, the kernel's share: mostly sending the answer, which on loopback includes waking
+    # the load generator. On a VM that wake-up costs more the longer the generator's CPU idled, so
+    # a slower server pays more per request for it (bench/RESULTS.md, 2026-12-07, session 6).
+    sys_us: float | None = None
 
     @property
     def noisy(self) -> bool:
@@ -212,20 +223,22 @@ class Measurement:
 def measure(pid: int | None, duration: int, run: Callable[[], LoadResult]) -> Measurement:
     """Run one load (``run``) against the server process ``pid``, with the CPU time spent around it."""
 
-    def server_cpu() -> float | None:
-        return process_cpu_seconds(pid) if pid is not None else None
+    def server_cpu() -> tuple[float, float] | None:
+        return process_cpu_split(pid) if pid is not None else None
 
     before, machine_before, tool_before = server_cpu(), machine_cpu_seconds(), children_cpu_seconds()
     result = run()
     after, machine_after, tool_after = server_cpu(), machine_cpu_seconds(), children_cpu_seconds()
-    cpu_us = busy = other = None
+    cpu_us = busy = other = sys_us = None
     if before is not None and after is not None and result.requests:
-        cpu_us = (after - before) * 1e6 / result.requests
-        busy = (after - before) / duration
+        spent = sum(after) - sum(before)
+        cpu_us = spent * 1e6 / result.requests
+        sys_us = (after[1] - before[1]) * 1e6 / result.requests
+        busy = spent / duration
         if machine_before is not None and machine_after is not None:
-            others = (machine_after - machine_before) - (after - before) - (tool_after - tool_before)
+            others = (machine_after - machine_before) - spent - (tool_after - tool_before)
             other = max(0.0, others) / duration
-    return Measurement(result, cpu_us, busy, other)
+    return Measurement(result, cpu_us, busy, other, sys_us)
 
 
 def wait_quiet(limit: float) -> float:

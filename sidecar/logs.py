@@ -226,9 +226,13 @@ def access_logger_class(
         def log(self, request: web.BaseRequest, response: web.StreamResponse, duration: float) -> None:
             path = request.path
             if patterns and path not in plain_paths:
-                # AttributeError, AssertionError: a request aiohttp rejected before routing.
-                with contextlib.suppress(AttributeError, AssertionError):
+                # try, not contextlib.suppress: this runs for every sensitive request, and the
+                # context manager cost 0.27 us more (bench/RESULTS.md).
+                try:
                     route = request.match_info.route  # type: ignore[attr-defined]
+                except (AttributeError, AssertionError):  # a request aiohttp rejected before routing
+                    route = None
+                if route is not None:
                     path = patterns.get(route) or (path if public is None or route in public else UNROUTED)
             append(
                 (
