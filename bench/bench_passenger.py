@@ -67,7 +67,8 @@ http: requests/s and p99 of ``GET /enclave/passenger?name=...``
     first. Rounds are interleaved as in bench_server.py, a round in which other processes took more
     than NOISY of a core is rerun (at most ``--retries`` times) and kept rounds that were noisy are
     marked ``*``. Reported per server: median requests/s, p99, the server process's CPU time per
-    request (steadier than requests/s on a shared VM) and CPU busy.
+    request (steadier than requests/s on a shared VM) and its kernel share ("of it sys": on loopback
+    that includes waking wrk, which on a VM costs a slower server more per request), and CPU busy.
 
     ``--profile``: afterwards one more run per server under ``py-spy record --nonblocking``, and a
     table of CPU us per request by function (inclusive).

@@ -22,7 +22,9 @@ What it measures
 
     The report gives, per server, the median requests/s and p99 latency, the server process's CPU
     time per request (steadier than requests/s on a shared VM: it does not count time the server
-    spent waiting for a CPU), and the ratios against ``bare``: of the medians, and the median of the
+    spent waiting for a CPU) and its kernel share ("of it sys": on loopback that includes waking
+    wrk, which on a VM costs a slower server more per request, so requests/s ratios sit below the
+    instruction ratios), and the ratios against ``bare``: of the medians, and the median of the
     per-round ratios (the servers of one round ran seconds apart). The target is sidecar/bare >= 0.9
     in requests/s; the same ratio of CPU time per request is reported next to it.
 
