@@ -64,6 +64,18 @@ class ConfigError(Exception):
 class _StrictLoader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
 
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        # PyYAML's scalar constructors raise plain Python errors for values its resolver let
+        # through (`2001-02-30`, `!!int abc`, `!!bool maybe`, an integer of over 4300 digits):
+        # make them YAML errors with the place. The value is not quoted: it may be a secret.
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
+            kind = node.tag.rsplit(":", 1)[-1]
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the value cannot be read as {kind} (malformed or out of range)", node.start_mark
+            ) from None
+
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
     seen: dict[Any, int] = {}
@@ -164,15 +176,17 @@ def resolve_references(value: Any, base_dir: Path, path: str = "") -> Any:
             kind, target = refs[0], value[refs[0]]
             if not isinstance(target, str) or not target:
                 raise SchemaError(path, f"{kind} needs a non-empty string")
+            # The name goes into a one-line error: a line break in it must not forge a second line.
+            shown = target if target.isprintable() else repr(target)
             if kind == "$env":
                 if target not in os.environ:
-                    raise SchemaError(path, f"environment variable {target} is not set")
+                    raise SchemaError(path, f"environment variable {shown} is not set")
                 return Secret(os.environ[target])
             file = Path(target) if os.path.isabs(target) else base_dir / target
             try:
-                text = read_secret_file(file, target, path).decode("utf-8")
+                text = read_secret_file(file, shown, path).decode("utf-8")
             except UnicodeDecodeError:
-                raise SchemaError(path, f"secret file {target} is not valid UTF-8") from None
+                raise SchemaError(path, f"secret file {shown} is not valid UTF-8") from None
             return Secret(text.removesuffix("\n"))
         return {k: resolve_references(v, base_dir, join(path, str(k))) for k, v in value.items()}
     if isinstance(value, list):

@@ -26,6 +26,8 @@ def read_regular_file(path: str | os.PathLike[str], limit: int) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise FileProblem(exc.strerror or str(exc)) from None
+    except ValueError:  # "embedded null byte": a path from YAML may carry "\0"
+        raise FileProblem("the path contains a NUL character") from None
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):

@@ -8,6 +8,7 @@ mean 'allow'?)`` and secrets that never appear in an error message or a dump.
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,10 +123,16 @@ class Int(Field):
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.problem(path, "an integer", value)
         if self.min is not None and value < self.min:
-            raise SchemaError(path, f"{value} is below the minimum of {self.min}")
+            raise SchemaError(path, f"{_number(value)} is below the minimum of {self.min}")
         if self.max is not None and value > self.max:
-            raise SchemaError(path, f"{value} is above the maximum of {self.max}")
+            raise SchemaError(path, f"{_number(value)} is above the maximum of {self.max}")
         return value
+
+
+def _number(value: int) -> str:
+    # str() of an int of more than 4300 digits raises ValueError (CVE-2020-10735's limit), and YAML
+    # reads 0x... and 0b... literals of any length without it.
+    return str(value) if value.bit_length() <= 1000 else f"an integer of {value.bit_length()} bits"
 
 
 def Port(doc: str = "", **kwargs: Any) -> Int:
@@ -141,11 +148,19 @@ class Float(Field):
     def check(self, value: Any, path: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.problem(path, "a number", value)
-        if self.min is not None and value < self.min:
-            raise SchemaError(path, f"{value} is below the minimum of {self.min}")
-        if self.max is not None and value > self.max:
-            raise SchemaError(path, f"{value} is above the maximum of {self.max}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond float's range
+            raise SchemaError(path, f"{_number(int(value))} is too large") from None
+        # NaN compares false with everything, so it would pass any min and max (`.nan` in YAML).
+        if not math.isfinite(number):
+            raise SchemaError(path, f"must be a finite number, not {number}")
+        shown = _number(value) if isinstance(value, int) else value
+        if self.min is not None and number < self.min:
+            raise SchemaError(path, f"{shown} is below the minimum of {self.min}")
+        if self.max is not None and number > self.max:
+            raise SchemaError(path, f"{shown} is above the maximum of {self.max}")
+        return number
 
 
 @dataclass

@@ -162,6 +162,16 @@ def test_encrypt_refuses_non_rsa_and_garbage_spki() -> None:
         encrypt_for_recipient(b"x", b"not a key")
 
 
+@pytest.mark.parametrize("bits", [512, 1024])
+def test_encrypt_refuses_small_rsa_keys(bits: int) -> None:
+    # Threat: a data key wrapped for a breakable key, or a bare ValueError (HTTP 500) for a tiny one.
+    modulus = int.from_bytes(hashlib.shake_256(b"modulus").digest(bits // 8)) | 1 | 1 << (bits - 1)
+    small = rsa.RSAPublicNumbers(65537, modulus).public_key()  # only its size matters here
+    der = small.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    with pytest.raises(CmsError, match=rf"^recipient key is RSA-{bits}, at least 2048 bits needed$"):
+        encrypt_for_recipient(b"x", der)
+
+
 def test_encrypt_refuses_what_parse_would_refuse(victim: RecipientKey) -> None:
     with pytest.raises(CmsError, match=r"plaintext too large"):
         encrypt_for_recipient(bytes(MAX_CMS_BYTES), victim.spki_der)

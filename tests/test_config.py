@@ -36,6 +36,7 @@ from sidecar.config import (
 )
 from sidecar.schema import (
     MASK,
+    Float,
     Int,
     List,
     Map,
@@ -349,6 +350,78 @@ def test_duplicate_keys_refused_in_sidecar_yaml_too(tmp_path: Path) -> None:
 def test_unhashable_yaml_key_is_an_error_not_a_crash(tmp_path: Path) -> None:
     error, path = manifest_error(tmp_path, "version: v1\n? [1]\n: 2\n")
     assert_error(error, path, "line 2, column 3", "invalid YAML: mapping keys must be scalars")
+
+
+# Threat: odd YAML scalars (an impossible date, a bad explicit tag, a 5000-digit integer) crashing
+# the loader with a traceback instead of a one-line error naming the file and the place.
+@pytest.mark.parametrize(
+    ("text", "where", "kind"),
+    [
+        ("version: v1\nname: 2001-02-30\n", "line 2, column 7", "timestamp"),
+        ("version: v1\nname: 2001-12-14t21:59:43.10+99:00\n", "line 2, column 7", "timestamp"),
+        ("version: v1\nname: !!timestamp x\n", "line 2, column 7", "timestamp"),
+        ("version: v1\nname: !!int abc\n", "line 2, column 7", "int"),
+        ("version: v1\nname: !!int 0x\n", "line 2, column 7", "int"),
+        ("version: v1\nname: !!float abc\n", "line 2, column 7", "float"),
+        ("version: v1\nname: !!bool maybe\n", "line 2, column 7", "bool"),
+        ("version: v1\ndefaults:\n  memory_mb: " + "9" * 5000 + "\n", "line 3, column 14", "int"),
+    ],
+    ids=[
+        "bad-date",
+        "bad-offset",
+        "bad-timestamp-tag",
+        "bad-int-tag",
+        "empty-hex",
+        "bad-float-tag",
+        "bad-bool-tag",
+        "5000-digit-int",
+    ],
+)
+def test_unreadable_yaml_scalars_are_errors_not_crashes(
+    tmp_path: Path, text: str, where: str, kind: str
+) -> None:
+    error, path = manifest_error(tmp_path, text)
+    assert_error(
+        error, path, where, f"invalid YAML: the value cannot be read as {kind} (malformed or out of range)"
+    )
+
+
+# Threat: `.nan` passing every min and max (NaN compares false), and integers too long to print or
+# to convert, crashing the error message itself.
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        ("network:\n  idle_timeout: .nan\n", "network.idle_timeout", "must be a finite number, not nan"),
+        (
+            "network:\n  connect_timeout: .inf\n",
+            "network.connect_timeout",
+            "must be a finite number, not inf",
+        ),
+        (
+            "shutdown_timeout: 0x" + "f" * 5000 + "\n",
+            "shutdown_timeout",
+            "an integer of 20000 bits is above the maximum of 600",
+        ),
+        (
+            "shutdown_timeout: -0b1" + "0" * 20000 + "\n",
+            "shutdown_timeout",
+            "an integer of 20001 bits is below the minimum of 0",
+        ),
+        (
+            "network:\n  idle_timeout: 0x1" + "0" * 300 + "\n",
+            "network.idle_timeout",
+            "an integer of 1201 bits is too large",
+        ),
+    ],
+    ids=["nan", "inf", "huge-hex", "huge-negative-binary", "int-beyond-float"],
+)
+def test_numbers_that_no_comparison_or_message_can_handle(
+    tmp_path: Path, text: str, key: str, problem: str
+) -> None:
+    error, path = settings_error(tmp_path, text)
+    assert_error(error, path, key, problem)
+    with pytest.raises(SchemaError, match="must be a finite number"):
+        Float(min=0.001).check(float("nan"), "rate_limit.per_second")
 
 
 @pytest.mark.parametrize(
@@ -977,6 +1050,30 @@ def test_unreadable_file_reference(tmp_path: Path, setup: str | None, target: st
     elif setup == "large":
         write(tmp_path, target, b"x" * (64 * 1024 + 1))
     error, path = settings_error(tmp_path, vault_settings({"$file": target}))
+    assert_error(error, path, "plugins.vault_like.config.key_id", problem)
+
+
+@pytest.mark.parametrize(
+    ("reference", "problem"),
+    [
+        ({"$file": "a\0b"}, "cannot read secret file 'a\\x00b': the path contains a NUL character"),
+        (
+            {"$file": "x\nbad.yaml: forged"},
+            "cannot read secret file 'x\\nbad.yaml: forged': No such file or directory",
+        ),
+        (
+            {"$env": "NO_SUCH\nbad.yaml: forged"},
+            "environment variable 'NO_SUCH\\nbad.yaml: forged' is not set",
+        ),
+    ],
+    ids=["nul-in-path", "newline-in-path", "newline-in-env-name"],
+)
+def test_reference_targets_with_control_characters(
+    tmp_path: Path, reference: dict[str, Any], problem: str
+) -> None:
+    # Threat: a "\0" in a $file path crashing the loader (ValueError), and a line break in a
+    # reference target forging a second line in the one-line error.
+    error, path = settings_error(tmp_path, vault_settings(reference))
     assert_error(error, path, "plugins.vault_like.config.key_id", problem)
 
 

@@ -557,20 +557,41 @@ def test_only_a_rule_naming_host_lets_the_parent_open_its_own_loopback(allow: li
     from sidecar.net import wire
     from sidecar.net.policy import only_a_named_rule_allows
 
-    decision = EgressPolicy(allow, []).check("host", 443)
+    policy = EgressPolicy(allow, [])
+    decision = policy.check("host", 443)
     assert decision.allowed  # the policy alone would let a wildcard reach "host"
-    refused = only_a_named_rule_allows(decision, wire.OUTSIDE_HOST, wire.OUTSIDE_HOST_REASON)
+    refused = only_a_named_rule_allows(policy, decision, wire.OUTSIDE_HOST, wire.OUTSIDE_HOST_REASON)
     assert not refused.allowed
     assert (
         refused.reason
         == "denied: 'host' is the parent's own loopback; only an allow rule naming 'host' permits it"
     )
     for named in (["host"], ["host:443"]):
-        kept = EgressPolicy(named, []).check("HOST", 443)
-        assert only_a_named_rule_allows(kept, wire.OUTSIDE_HOST, wire.OUTSIDE_HOST_REASON) == kept
+        policy = EgressPolicy(named, [])
+        kept = policy.check("HOST", 443)
+        assert only_a_named_rule_allows(policy, kept, wire.OUTSIDE_HOST, wire.OUTSIDE_HOST_REASON) == kept
         assert kept.allowed
-    other = EgressPolicy(["**"], []).check("api.example.com", 443)
-    assert only_a_named_rule_allows(other, wire.OUTSIDE_HOST, wire.OUTSIDE_HOST_REASON) == other
+    policy = EgressPolicy(["**"], [])
+    other = policy.check("api.example.com", 443)
+    assert only_a_named_rule_allows(policy, other, wire.OUTSIDE_HOST, wire.OUTSIDE_HOST_REASON) == other
+
+
+def test_a_rule_naming_host_still_counts_after_a_wildcard() -> None:
+    # Threat: a wildcard listed first hid the explicit 'host:22' rule, which then allowed nothing.
+    from sidecar.net import wire
+    from sidecar.net.policy import only_a_named_rule_allows
+
+    policy = EgressPolicy(["**", "host:22"], [])
+    allowed = only_a_named_rule_allows(
+        policy, policy.check("host", 22), wire.OUTSIDE_HOST, wire.OUTSIDE_HOST_REASON
+    )
+    assert (
+        allowed.allowed and allowed.rule == "host:22" and allowed.reason == "allowed by allow rule 'host:22'"
+    )
+    other_port = policy.check("host", 443)
+    assert not only_a_named_rule_allows(
+        policy, other_port, wire.OUTSIDE_HOST, wire.OUTSIDE_HOST_REASON
+    ).allowed
 
 
 def test_check_addresses_reason() -> None:

@@ -731,6 +731,63 @@ async def test_malformed_requests_get_a_clear_status(
     assert proxy.stats.bad_requests == 1 and proxy.stats.tunnels == proxy.stats.forwarded == 0
 
 
+async def test_content_length_with_transfer_encoding_is_refused(proxy: EgressProxy) -> None:
+    # Threat: request smuggling: both framings reached the origin, which may split the body by Content-Length.
+    seen: list[bytes] = []
+
+    async def origin(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await reader.read(65536))
+
+    async with tcp_server(origin) as port:
+        data = (
+            f"POST http://{ORIGIN_IP}:{port}/ HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        ).encode()
+        answer = await raw(proxy.port, data, "POST")
+    assert answer.status == 400 and b"not both" in answer.body
+    assert seen == [] and proxy.stats.bad_requests == 1
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Connection: content-length\r\nContent-Length: 5\r\n\r\nhello",
+        b"Connection: transfer-encoding\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    ],
+)
+async def test_connection_cannot_remove_the_body_framing(proxy: EgressProxy, framing: bytes) -> None:
+    # Threat: a client header turned into a 500 and a body-less request at the origin (framing dropped).
+    seen: list[bytes] = []
+
+    async def origin(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        seen.append(head + await reader.read(65536))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    async with tcp_server(origin) as port:
+        data = f"POST http://{ORIGIN_IP}:{port}/ HTTP/1.1\r\nHost: x\r\n".encode() + framing
+        answer = await raw(proxy.port, data, "POST")
+    assert answer.status == 200 and answer.body == b"ok"
+    assert len(seen) == 1 and b"hello" in seen[0]
+
+
+async def test_no_interim_response_reaches_an_http_1_0_client(proxy: EgressProxy) -> None:
+    # Threat: desync: an HTTP/1.0 client takes a forwarded 100 as the answer, the real one as its body.
+    async def origin(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    async with tcp_server(origin) as port:
+        loop = asyncio.get_running_loop()
+        with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+            sock.setblocking(False)
+            await loop.sock_sendall(sock, f"GET http://{ORIGIN_IP}:{port}/ HTTP/1.0\r\n\r\n".encode())
+            answer = await read_to_eof(sock)
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\nok"), answer
+
+
 async def test_incomplete_head_times_out_with_408(make_proxy: ProxyFactory) -> None:
     """Threat: slow-loris clients holding connections open by never finishing a request head."""
     proxy = await make_proxy(request_timeout=0.3)
@@ -1265,6 +1322,17 @@ def test_upstream_errors_never_show_the_proxy_password(url: str) -> None:
     with pytest.raises(ValueError) as info:
         upstream_from_settings(replace(NetworkSettings(), upstream=url))
     assert "S3cret" not in str(info.value) and "***@p" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://u:Pa/55w0rd@p:3128", "http://u:Pa?55w0rd@p:3128", "http://u:Pa#55w0rd@p:3128"]
+)
+def test_a_password_with_an_unencoded_delimiter_is_never_shown(url: str) -> None:
+    # Threat: '/', '?' or '#' in the password ended the authority early, and the message showed its parts.
+    with pytest.raises(ValueError) as info:
+        upstream_from_settings(replace(NetworkSettings(), upstream=url))
+    assert "Pa" not in str(info.value) and "55w0rd" not in str(info.value), str(info.value)
+    assert "***@p:3128" in str(info.value)
 
 
 async def test_the_started_event_names_the_upstream_without_its_password(

@@ -7,6 +7,7 @@ checks run on a real AWS document first, so they are known to accept what AWS pr
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import stat
 import threading
@@ -24,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509 import verification
 
 from sidecar.attestation import emulator
+from sidecar.attestation.document import parse_document
 from sidecar.attestation.emulator import DevPki, DevPkiError, NsmEmulator
 from sidecar.attestation.nsm import (
     MAX_NONCE,
@@ -341,6 +343,16 @@ def test_initial_pcrs_are_checked(pki: DevPki) -> None:
         NsmEmulator(pki, module_id="")
 
 
+def test_module_id_must_be_what_documents_allow(pki: DevPki, clock: Clock) -> None:
+    # Threat: an emulator that signs documents no verifier (ours included) can parse.
+    for bad in ("i-\u00e9-enc1", "i-0\x1b[2J", "x" * (emulator.MAX_MODULE_ID + 1)):
+        with pytest.raises(ValueError, match="printable ASCII"):
+            NsmEmulator(pki, module_id=bad)
+    longest = "i-" + "0" * (emulator.MAX_MODULE_ID - 2)
+    signed = NsmEmulator(pki, module_id=longest, clock=clock).attestation()
+    assert parse_document(signed).module_id == longest
+
+
 def test_get_random(emu: NsmEmulator) -> None:
     first, second = emu.get_random(), emu.get_random()
     assert len(first) == len(second) == 256
@@ -439,6 +451,18 @@ def test_corrupt_key_is_reported_not_replaced(tmp_path: Path, clock: Clock) -> N
     with pytest.raises(DevPkiError, match=r"dev-root\.key"):
         DevPki.load_or_create(state, clock=clock)
     assert (state / "dev-root.key").read_bytes() == b"not a key"
+
+
+def test_a_key_of_an_unknown_algorithm_is_refused_by_name(tmp_path: Path, clock: Clock) -> None:
+    # Threat: a damaged state directory crashing `sidecar dev` with a traceback instead of naming the file.
+    state = tmp_path / "state"
+    state.mkdir()
+    # PKCS#8 { version 0, algorithm 1.2.3.4, key h'0102' }: well-formed, of no key type cryptography knows.
+    der = bytes.fromhex("300e020100300506032a030404020102")
+    pem = b"-----BEGIN PRIVATE KEY-----\n" + base64.encodebytes(der) + b"-----END PRIVATE KEY-----\n"
+    (state / "dev-root.key").write_bytes(pem)
+    with pytest.raises(DevPkiError, match=r"dev-root\.key"):
+        DevPki.load_or_create(state, clock=clock)
 
 
 def test_wrong_key_type_is_refused(tmp_path: Path, clock: Clock) -> None:

@@ -227,6 +227,21 @@ def test_what_cannot_be_measured_is_an_error(world: World, change: Callable[[Wor
         change(world)
 
 
+def test_a_file_name_that_is_not_utf8_is_measured_as_its_bytes(world: World) -> None:
+    # Threat: a file that makes measuring crash (UnicodeEncodeError) instead of moving PCR0.
+    before = world.measure()
+    name = os.fsdecode(b"\xff.py")
+    (world.plugin_dir / name).write_text("EVIL = 1\n")
+    after = world.measure()
+    assert after.pcr0 != before.pcr0 and after.pcr2 != before.pcr2
+    # The name counts as its raw bytes, distinct from the UTF-8 spelling of U+00FF.
+    raw = b"\xff.py"
+    expected = hashlib.sha384(b"enclave-sidecar/tree/v1" + (1).to_bytes(8, "big"))
+    expected.update(len(raw).to_bytes(8, "big") + raw + (1).to_bytes(8, "big") + b"x")
+    assert tree_digest([(name, b"x")]) == expected.digest()
+    assert tree_digest([(name, b"x")]) != tree_digest([("\u00ff.py", b"x")])
+
+
 def test_symlinked_directory_is_refused(world: World, tmp_path: Path) -> None:
     # Threat: code reached through a symlinked directory that os.walk would skip, so it runs unmeasured.
     outside = tmp_path / "outside"

@@ -322,7 +322,7 @@ def test_demo_config_serves_big_bird_denied(sidecars: dict[str, DevSidecar]) -> 
 
 
 def readme_shell_lines() -> list[str]:
-    """The README's shell lines after the two set-up commands: the tour and the vault_like section."""
+    """The README's shell lines after the two set-up commands: the tour and the plugins' sections."""
     from tests.test_docs import SHELL_LANGUAGES, code_blocks, logical_lines
 
     found = []
@@ -333,12 +333,13 @@ def readme_shell_lines() -> list[str]:
 
 
 def test_readme_shell_lines_run_against_the_demo(sidecars: dict[str, DevSidecar]) -> None:
-    """Every shell line of the README's tour and vault section, run as written against `make run`'s
+    """Every shell line of the README's tour and plugin sections, run as written against `make run`'s
     configuration (only the ports, the state dir and the venv path differ). A line's trailing comment
     is what it prints: each fragment between `...` must appear in the output, in order."""
     demo = sidecars["demo"]
     manifest = yaml.safe_load((demo.directory / "enclaver.yaml").read_text())
     vault_port = manifest["ingress"][1]["listen_port"]
+    api_port = manifest["api"]["listen_port"]
     state = demo.directory / "state"
     lines = readme_shell_lines()
     assert any("8200" in line for line in lines) and any("sidecar trust" in line for line in lines)
@@ -349,6 +350,7 @@ def test_readme_shell_lines_run_against_the_demo(sidecars: dict[str, DevSidecar]
             command.replace("localhost:8001", f"localhost:{demo.port}")
             .replace("localhost:8200", f"localhost:{vault_port}")
             .replace("127.0.0.1:8200", f"127.0.0.1:{vault_port}")
+            .replace("localhost:9000", f"localhost:{api_port}")
             .replace(".sidecar-state/", f"{state}/")
             .replace(".venv/bin/sidecar", f"{sys.executable} -m sidecar")
         )

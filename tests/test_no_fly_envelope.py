@@ -387,6 +387,17 @@ def test_original_format_structure_errors(data: bytes, message: str) -> None:
     assert message in str(err.value), str(err.value)
 
 
+def test_fernet_timestamp_after_year_9999_is_refused() -> None:
+    # Threat: a crafted token timestamp (HMAC-covered, never checked without a TTL) crashing
+    # check-envelope's describe() with OverflowError and outranking every later list on reload.
+    token = base64.urlsafe_b64decode(TOKEN)
+    far = token[:1] + (2**64 - 1).to_bytes(8, "big") + token[9:]
+    with pytest.raises(EnvelopeError, match="its timestamp is after 9999"):
+        parse_envelope(original(token=base64.urlsafe_b64encode(far).decode()))
+    last = token[:1] + (253402300799).to_bytes(8, "big") + token[9:]  # 9999-12-31T23:59:59Z
+    assert parse_envelope(original(token=base64.urlsafe_b64encode(last).decode())).describe()["sealed_at"]
+
+
 def test_oversize_envelope_is_refused_before_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
     # Threat: a huge object making the enclave allocate without bound. (The limit is lowered here so
     # the test need not allocate 512 MiB; the check is the same code.)

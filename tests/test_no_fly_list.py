@@ -537,6 +537,33 @@ async def test_batch_costs_one_token_per_name(sidecar_factory: SidecarFactory, t
     assert nf.service.metrics.checks == 20
 
 
+async def test_an_ipv6_client_cannot_dodge_the_limit_by_changing_address(
+    sidecar_factory: SidecarFactory, tmp_path: Path
+) -> None:
+    # Threat: an IPv6 host picking a fresh address of its /64 per request, a full bucket each time.
+    from unittest import mock
+
+    from aiohttp.test_utils import make_mocked_request
+
+    from sidecar.server import REQUEST_ID
+
+    nf = await start_no_fly(sidecar_factory, tmp_path, rate_limit={"per_second": 0.01, "burst": 2})
+
+    async def check(peer: str, name: str = "a") -> int:
+        transport = mock.Mock()
+        transport.get_extra_info.side_effect = lambda key, default=None: (
+            (peer, 1234) if key == "peername" else default
+        )
+        request = make_mocked_request("GET", f"/enclave/passenger?name={name}", transport=transport)
+        request[REQUEST_ID] = "r"
+        return (await nf.service.handle_passenger(request)).status
+
+    assert [await check(f"2001:db8:1:2::{i:x}") for i in range(1, 5)] == [200, 200, 429, 429]
+    assert await check("2001:db8:1:2:ffff:ffff:ffff:fffe%eth0") == 429  # a zone changes nothing
+    assert await check("2001:db8:1:3::1") == 200  # another /64 is another client
+    assert [await check(peer) for peer in ("192.0.2.7", "::ffff:192.0.2.7", "192.0.2.7")] == [200, 200, 429]
+
+
 async def test_invalid_requests_cost_no_token(sidecar_factory: SidecarFactory, tmp_path: Path) -> None:
     nf = await start_no_fly(sidecar_factory, tmp_path, rate_limit={"per_second": 0.01, "burst": 1})
     for _ in range(5):

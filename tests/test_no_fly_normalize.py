@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from plugins.no_fly_list import index as index_module
 from plugins.no_fly_list.index import NameIndex, PayloadError, wipe
 from plugins.no_fly_list.normalize import _STRIP, MAX_NAME_CHARS, _normalize_unicode, normalize
-from plugins.no_fly_list.ratelimit import RateLimiter, retry_after
+from plugins.no_fly_list.ratelimit import RateLimiter, client_key, retry_after
 
 FULL_WIDTH_BIG_BIRD = "\uff22\uff49\uff47 \uff22\uff49\uff52\uff44"
 DOTTED_CAPITAL_I = "B\u0130G BIRD"  # BİG BIRD, precomposed
@@ -296,6 +296,24 @@ def test_least_recently_used_bucket_goes_first() -> None:
     limiter.take("a")  # refused (empty), but a is now recent
     limiter.take("c")  # evicts b, not a
     assert limiter.take("a") > 0  # a kept its empty bucket
+
+
+@pytest.mark.parametrize(
+    ("remote", "key"),
+    [
+        ("192.0.2.1", "192.0.2.1"),
+        (None, ""),
+        ("2001:db8::1", "2001:db8::/64"),
+        ("2001:DB8:0:0:ffff::9", "2001:db8::/64"),
+        ("fe80::1%eth0", "fe80::/64"),
+        ("::ffff:192.0.2.1", "192.0.2.1"),
+        ("::1", "::/64"),
+        ("not:an address", "not:an address"),
+    ],
+)
+def test_client_key_groups_ipv6_by_64(remote: str | None, key: str) -> None:
+    # Threat: an IPv6 host rotating through its /64 to get a fresh bucket per request.
+    assert client_key(remote) == key
 
 
 def test_limiter_rejects_nonsense_settings() -> None:

@@ -96,6 +96,21 @@ def test_usage_and_input_errors_exit_2(args: tuple[str, ...], message: str) -> N
     assert "Traceback" not in result.stderr
 
 
+def test_expected_pcrs_refuse_huge_indexes_and_conflicting_values() -> None:
+    # Threat: an expectation dropped silently (the last of two values won) or a traceback, not a usage error.
+    from sidecar.attestation.trust import TrustInputError, parse_expected_pcrs
+
+    one, two = "11" * 48, "22" * 48
+    with pytest.raises(TrustInputError, match=r"index 0\.\.31"):
+        parse_expected_pcrs(("9" * 5000 + f"={one}",))
+    with pytest.raises(TrustInputError, match="PCR0 is already expected with another value"):
+        parse_expected_pcrs((f"0={one}", f"0={two}"))
+    assert parse_expected_pcrs((f"0={one}", f" 0 ={one}", f"8={two}")) == {
+        0: bytes.fromhex(one),
+        8: bytes.fromhex(two),
+    }
+
+
 def test_a_peer_that_does_not_speak_http_is_an_input_error() -> None:
     with socket.create_server(("127.0.0.1", 0)) as server:
 

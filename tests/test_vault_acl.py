@@ -254,9 +254,23 @@ def test_list_on_a_trailing_slash_uses_the_rule_without_it() -> None:
     a = acl_of(rule("secret/metadata", "list"), rule("kv/+/dir", "list"))
     assert a.allowed("secret/metadata/", "list")
     assert not a.allowed("secret/metadata/", "read")
-    # only exact rules get the fallback (OpenBao 2.7); a `+` rule keeps its segment count
-    assert not a.allowed("kv/a/dir/", "list")
     assert a.allowed("kv/a/dir", "list")
+    assert not a.allowed("kv/a/dir/x/", "list")  # a `+` rule still keeps its segment count
+
+
+def test_list_falls_back_to_the_globs_without_the_slash() -> None:
+    # OpenBao does: when no glob or `+` rule matches "dir/", a LIST is judged on "dir" (checked
+    # against bao 2.7.2: `secret/metadata/+` grants `bao kv list secret/app`).
+    a = acl_of(rule("kv/+/dir", "list"), rule("secret/metadata/+", "list", "read"))
+    assert a.allowed("kv/a/dir/", "list")
+    assert a.allowed("secret/metadata/app/", "list")
+    assert a.capabilities("secret/metadata/app/") == {"list", "read"}
+    assert not a.allowed("secret/metadata/app/", "read")  # only a list gets the fallback
+    # Threat: the fallback must never override a rule that matches "dir/" itself, a deny above all.
+    b = acl_of(rule("secret/metadata/+", "list"), rule("secret/metadata/app/*", "deny"))
+    assert not b.allowed("secret/metadata/app/", "list")
+    c = acl_of(rule("secret/metadata/+", "list"), rule("secret/*", "deny"))
+    assert not c.allowed("secret/metadata/app/", "list")
 
 
 def test_operations_map_to_their_capability() -> None:

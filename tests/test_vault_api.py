@@ -493,6 +493,15 @@ async def test_routing_errors(vault: Vault) -> None:
     assert status == 400 and "invalid request path" in body["errors"][0]
 
 
+async def test_reading_a_kv_folder_is_a_404(vault: Vault) -> None:
+    # OpenBao does: a GET of secret/data/dir/ or secret/subkeys/dir/ is a 404, not a 400.
+    status, _, _ = await vault.call("POST", "secret/data/dir/k", {"data": {"a": "1"}})
+    assert status == 200
+    for path in ("secret/data/dir/", "secret/subkeys/dir/", "secret/data/dir/?version=1"):
+        status, body, _ = await vault.call("GET", path)
+        assert (status, body) == (404, {"errors": []}), path
+
+
 async def test_a_bug_is_a_500_that_leaks_nothing(
     vault: Vault, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import boto3
 import pytest
 
+from plugins.vault_like import barrier as barrier_module
 from plugins.vault_like.barrier import Barrier, BarrierError, Doc, JsonStore, SealedError
 from plugins.vault_like.logical import VaultError
 from plugins.vault_like.storage import (
@@ -480,6 +481,35 @@ async def test_sqlite_cache_follows_writes_and_deletes(tmp_path: Path) -> None:
         await store.write("b", {"list": [1]})
         (await store.read("b"))["list"].append(2)  # type: ignore[index]
         assert await store.read("b") == {"list": [1]}
+    finally:
+        await storage.close()
+
+
+async def test_the_entry_cache_is_bounded_in_bytes_and_takes_decoded_forms_along(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Threat: a token that may write secrets fills the count-bounded cache (4096 entries) with
+    # megabyte values, plus their decoded copies: gigabytes of the enclave's memory.
+    monkeypatch.setattr(barrier_module, "_CACHE_BYTES", 1024 * 1024)
+    monkeypatch.setattr(barrier_module, "_CACHE_ENTRY_BYTES", 256 * 1024)
+    storage = SqliteStorage(tmp_path / "vault.db")
+    try:
+        barrier = await open_barrier(storage)
+        store = JsonStore(barrier, "kv/")
+        value = "v" * (barrier_module._CACHE_BYTES // 40)
+        for i in range(100):
+            await store.write(f"k{i}", {"data": value})
+            assert await store.read_shared(f"k{i}") == {"data": value}
+        cached = [doc for doc in barrier._entries.values() if doc is not None]
+        assert 30 <= len(cached) <= 40
+        assert barrier._entry_bytes == sum(len(doc.value) for doc in cached) <= barrier_module._CACHE_BYTES
+        assert set(barrier._decoded) <= set(barrier._entries)
+        huge = "h" * barrier_module._CACHE_ENTRY_BYTES
+        await store.write("huge", {"data": huge})
+        assert "kv/huge" not in barrier._entries  # never cached, nor its decoded form
+        assert await store.read_shared("huge") == {"data": huge}
+        assert "kv/huge" not in barrier._decoded
+        assert await store.read("k99") == {"data": value}  # the cache still serves the rest
     finally:
         await storage.close()
 

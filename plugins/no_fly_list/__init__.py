@@ -34,7 +34,8 @@ def register_config_schema() -> Map:
             "reload_interval": Int(min=0, default=60, doc="seconds between ETag polls; 0 turns reload off"),
             "max_batch": Int(min=1, max=10_000, default=1000, doc="names per POST /enclave/passengers"),
             "rate_limit": Map(
-                doc="per-client token bucket (client: the TCP peer address); one token per name checked",
+                doc="per-client token bucket (client: the TCP peer address, an IPv6 one by its /64); "
+                "one token per name checked",
                 fields={
                     "enabled": Bool(default=True),
                     "per_second": Float(min=0.001, default=20.0, doc="tokens added per second"),

@@ -279,6 +279,10 @@ def _parse_fernet(document: dict[str, Any]) -> Envelope:
             f"'aes-ciphertext-base64' is not a Fernet token (version byte or length {len(decoded)} wrong)"
         )
     sealed_at = int.from_bytes(decoded[1:9], "big") * 1000  # the token's timestamp, in seconds
+    if sealed_at > MAX_SEALED_AT:
+        # Fernet's HMAC covers the timestamp but Fernet never checks it without a TTL: a time past
+        # year 9999 cannot be shown (describe, reload messages) and would outrank every later list.
+        raise EnvelopeError("'aes-ciphertext-base64' is not a Fernet token (its timestamp is after 9999)")
     return Envelope("fernet", data_key_ciphertext, None, FERNET_VERSION, token=raw, sealed_at=sealed_at)
 
 

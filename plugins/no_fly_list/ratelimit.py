@@ -1,12 +1,13 @@
 """A per-client token bucket, bounded in memory: the no-fly list's defence against enumeration.
 
-Each client (the TCP peer address) has a bucket of ``burst`` tokens that refills at ``per_second``
-tokens a second. A request is let through while the client's bucket holds at least one token, and
-then costs one token per name it checks; a batch may take the bucket into debt, which the client's
-next requests wait out. So a batch of a whole flight manifest (up to ``max_batch`` names, more
-than ``burst``) goes through at once, and whatever the mix of single checks and batches, a client
-checks at most ``max(burst, max_batch) + per_second * t`` names in ``t`` seconds: the bucket's size
-for single checks, one batch up front, and the refill rate after that.
+Each client (the TCP peer address; an IPv6 one by its /64, see :func:`client_key`) has a bucket
+of ``burst`` tokens that refills at ``per_second`` tokens a second. A request is let through while
+the client's bucket holds at least one token, and then costs one token per name it checks; a batch
+may take the bucket into debt, which the client's next requests wait out. So a batch of a whole
+flight manifest (up to ``max_batch`` names, more than ``burst``) goes through at once, and whatever
+the mix of single checks and batches, a client checks at most
+``max(burst, max_batch) + per_second * t`` names in ``t`` seconds: the bucket's size for single
+checks, one batch up front, and the refill rate after that.
 
 Memory is bounded: at most ``max_clients`` buckets are kept, least recently used first out. A
 bucket that has been idle long enough to refill holds no information, so evicting it changes
@@ -16,6 +17,8 @@ still in debt, and whoever controls that many addresses has that many buckets an
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import math
 import time
 from collections import OrderedDict
@@ -85,3 +88,25 @@ class RateLimiter:
 def retry_after(seconds: float) -> str:
     """A ``Retry-After`` value: whole seconds, rounded up, at least 1."""
     return str(max(1, math.ceil(seconds)))
+
+
+def client_key(remote: str | None) -> str:
+    """The bucket of a TCP peer: an IPv4 address as it is, an IPv6 address by its /64 network.
+
+    One IPv6 host is usually given a whole /64 and can pick a fresh address from it per request:
+    keyed by full address, every request would find a full bucket.
+    """
+    if not remote or ":" not in remote:  # IPv4 (nearly every request): no parsing
+        return remote or ""
+    return _ipv6_key(remote)
+
+
+@functools.lru_cache(maxsize=4096)
+def _ipv6_key(remote: str) -> str:
+    try:
+        address = ipaddress.IPv6Address(remote.split("%", 1)[0])  # without a zone (fe80::1%eth0)
+    except ValueError:
+        return remote
+    if address.ipv4_mapped is not None:  # ::ffff:192.0.2.1 on a dual-stack socket is IPv4 192.0.2.1
+        return str(address.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))

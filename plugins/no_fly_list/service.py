@@ -38,7 +38,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from plugins.no_fly_list.envelope import Envelope, EnvelopeError, open_envelope, parse_envelope
 from plugins.no_fly_list.index import NameIndex, PayloadError, wipe
 from plugins.no_fly_list.normalize import MAX_NAME_CHARS, normalize
-from plugins.no_fly_list.ratelimit import RateLimiter, retry_after
+from plugins.no_fly_list.ratelimit import RateLimiter, client_key, retry_after
 from plugins.no_fly_list.source import SourceError, content_id, fetch
 from sidecar.context import PluginContext, ServiceNotConfigured
 from sidecar.logs import event, iso_ms
@@ -512,7 +512,7 @@ class NoFlyService:
             if problem is not None:
                 return self._bad(request, f"the query parameter 'name' {problem}")
         limiter = self.limiter
-        if limiter is not None and (wait := limiter.take(request.remote or "", 1)):
+        if limiter is not None and (wait := limiter.take(client_key(request.remote), 1)):
             return self._too_many(request, wait, limiter)
         normalized = normalize(name)
         if not normalized:
@@ -538,7 +538,7 @@ class NoFlyService:
         if charset is not None and charset.lower() not in ("utf-8", "utf8"):
             return self._bad(request, f"the body must be UTF-8, not {charset[:40]!r}", 415)
         limiter = self.limiter
-        client = request.remote or ""
+        client = client_key(request.remote)
         # A client already over its limit is refused before its body is even read.
         if limiter is not None and (wait := limiter.wait(client)):
             return self._too_many(request, wait, limiter)

@@ -427,12 +427,17 @@ class ACL:
         if bits is not None:
             return bits
         if operation == "list":
-            # A list of "dir/" is granted by an exact rule on "dir". (Newer Vault also retries
-            # the globs without the slash; OpenBao 2.7, the reference here, does not.)
+            # A list of "dir/" is granted by an exact rule on "dir".
             bits = self._exact.get(path.removesuffix("/"))
             if bits is not None:
                 return bits
-        return self._non_exact(path)
+        bits = self._non_exact(path)
+        if bits is None and operation == "list" and path.endswith("/"):
+            # As OpenBao 2.7: when no glob or "+" rule matches "dir/", the rules matching "dir" decide
+            # ("secret/metadata/+" grants the list of "secret/metadata/app/"). A rule that matches
+            # "dir/" itself (a deny included) is never overridden by this fallback.
+            bits = self._non_exact(path[:-1])
+        return bits
 
     def capabilities(self, path: str) -> set[str]:
         """What this ACL grants on ``path`` (sys/capabilities-self); ``{"deny"}`` if nothing."""

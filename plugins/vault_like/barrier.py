@@ -68,6 +68,10 @@ _NONCE: Final = 12
 _TAG: Final = 16
 _RETRIES: Final = 50
 _CACHE_SIZE: Final = 4096
+# The entry cache is also bounded in bytes: 4096 entries of a megabyte each (a KV version can be that
+# large) would hold gigabytes of an enclave's memory, their decoded forms as much again.
+_CACHE_BYTES: Final = 64 * 1024 * 1024
+_CACHE_ENTRY_BYTES: Final = 1024 * 1024  # larger entries are never cached
 _LOCKS: Final = 64
 _MISS: Final[Any] = object()
 _T = TypeVar("_T")
@@ -194,11 +198,13 @@ class Barrier:
         self._update_locks = [asyncio.Lock() for _ in range(_LOCKS)]
         # Caches (exclusive storage only): logical path -> Doc or None; dir -> (children, version).
         self._entries: dict[str, Doc | None] = {}
+        self._entry_bytes = 0  # the sum of the cached entries' sizes
         self._dirs: dict[str, tuple[tuple[str, ...], str | None]] = {}
         self._generation = 0  # bumped by every write, so a read that raced one is not cached
         # Exclusive storage only: a decoded form of a cached entry, valid while that very Doc object
         # is the cached one (every write replaces it), so it can never outlive the entry it came from.
-        self._decoded: dict[tuple[str, Callable[[Doc], Any]], tuple[Doc, Any]] = {}
+        # Keyed by path, so that an entry leaving the cache takes its decoded forms along.
+        self._decoded: dict[str, tuple[Doc, dict[Callable[[Doc], Any], Any]]] = {}
         # Storage names of logical paths (HMACs under the path key, which never rotates).
         self._names: dict[str, str] = {}
         # Read-modify-writes of one document waiting for its lock: run together, one write for all.
@@ -261,6 +267,7 @@ class Barrier:
         self._root = None
         self._keyring = None
         self._entries.clear()
+        self._entry_bytes = 0
         self._dirs.clear()
         self._decoded.clear()
         self._names.clear()
@@ -406,6 +413,24 @@ class Barrier:
             del cache[next(iter(cache))]  # oldest first; a small cache, not an LRU
         cache[key] = value
 
+    def _cache_entry(self, path: str, doc: Doc | None) -> None:
+        """Cache ``doc`` as the entry at ``path``, within the cache's count and byte bounds."""
+        self._forget_entry(path)
+        size = 0 if doc is None else len(doc.value)
+        if size > _CACHE_ENTRY_BYTES:
+            return
+        entries = self._entries
+        while entries and (len(entries) >= _CACHE_SIZE or self._entry_bytes + size > _CACHE_BYTES):
+            self._forget_entry(next(iter(entries)))  # oldest first; a small cache, not an LRU
+        entries[path] = doc
+        self._entry_bytes += size
+
+    def _forget_entry(self, path: str) -> None:
+        old = self._entries.pop(path, _MISS)
+        if old is not _MISS and old is not None:
+            self._entry_bytes -= len(old.value)
+        self._decoded.pop(path, None)
+
     async def _read_entry(self, path: str) -> Doc | None:
         _, keyring = self._require()  # first: a write in flight at seal() may have refilled a cache
         if self._exclusive:
@@ -416,7 +441,7 @@ class Barrier:
         raw = await self._storage.get(self._entry_key(keyring, path))
         doc = None if raw is None else Doc(await self._open(raw.value, path.encode()), raw.version)
         if self._exclusive and generation == self._generation:
-            self._remember(self._entries, path, doc)
+            self._cache_entry(path, doc)
         return doc
 
     async def _read_dir(self, directory: str) -> tuple[tuple[str, ...], str | None]:
@@ -456,13 +481,16 @@ class Barrier:
         """
         if not self._exclusive:
             return decode(doc)
-        key = (path, decode)
-        hit = self._decoded.get(key)
+        hit = self._decoded.get(path)
         if hit is not None and hit[0] is doc:
-            return hit[1]  # type: ignore[no-any-return]
+            found = hit[1].get(decode, _MISS)
+            if found is not _MISS:
+                return found  # type: ignore[no-any-return]
         value = decode(doc)
         if self._entries.get(path) is doc:  # only what the entry cache holds (not a raced read)
-            self._remember(self._decoded, key, (doc, value))
+            if hit is None or hit[0] is not doc:
+                hit = self._decoded[path] = (doc, {})
+            hit[1][decode] = value
         return value
 
     async def put(
@@ -476,12 +504,12 @@ class Barrier:
         try:
             version = await self._storage.put(self._entry_key(keyring, path), blob, expect)
         except BaseException:
-            self._entries.pop(path, None)  # state unknown (or someone else's): read it fresh next time
+            self._forget_entry(path)  # state unknown (or someone else's): read it fresh next time
             self._generation += 1
             raise
         self._generation += 1
         if self._exclusive:
-            self._remember(self._entries, path, Doc(bytes(value), version))
+            self._cache_entry(path, Doc(bytes(value), version))
         # A write that may have created the entry must touch the index when others write too (S3).
         if indexed:
             await self._sync_up(path)
@@ -493,12 +521,12 @@ class Barrier:
         try:
             await self._storage.delete(self._entry_key(keyring, path), expect)
         except BaseException:
-            self._entries.pop(path, None)
+            self._forget_entry(path)
             self._generation += 1
             raise
         self._generation += 1
         if self._exclusive:
-            self._remember(self._entries, path, None)
+            self._cache_entry(path, None)
         await self._sync_up(path)
 
     async def list(self, prefix: str) -> list[str]:

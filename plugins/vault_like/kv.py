@@ -521,7 +521,7 @@ class KvV2:
         return version, metadata
 
     async def _data_read(self, key: str, request: LogicalRequest) -> LogicalResponse:
-        meta = await self._read(_meta_path(key)) if key else None
+        meta = await self._read(_meta_path(key)) if _is_key(key) else None
         if meta is None:
             raise VaultError(404)
         wanted = _as_int("version", _param(request, "version"))
@@ -551,7 +551,7 @@ class KvV2:
         patch = _as_map("data", body["data"], validation=True)
         cas_present, cas = _cas_option(body, validation=True)
         for _attempt in range(_PATCH_RETRIES):
-            meta = await self._read(_meta_path(key)) if key else None
+            meta = await self._read(_meta_path(key)) if _is_key(key) else None
             if meta is None:
                 raise VaultError(404)
             config = await self._config()
@@ -901,7 +901,7 @@ class KvV2:
     async def _subkeys(self, key: str, request: LogicalRequest) -> LogicalResponse:
         depth = _as_int("depth", _param(request, "depth"))
         wanted = _as_int("version", _param(request, "version"))
-        meta = await self._read(_meta_path(key)) if key else None
+        meta = await self._read(_meta_path(key)) if _is_key(key) else None
         if meta is None:
             raise VaultError(404)
         version, metadata = await self._live_version(key, meta, wanted, {"subkeys": None})
@@ -939,6 +939,11 @@ def _meta_path(key: str) -> str:
 
 def _version_path(key: str, version_id: str) -> str:
     return f"ver/{key}/{version_id}"
+
+
+def _is_key(key: str) -> bool:
+    """Whether ``key`` can name a secret: "dir/" is a folder, and reading one is a 404 (as OpenBao)."""
+    return bool(key) and not key.endswith("/")
 
 
 def _check_key(key: str) -> None:

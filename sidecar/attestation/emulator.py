@@ -52,7 +52,7 @@ from pathlib import Path
 
 import cbor2
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
@@ -215,7 +215,7 @@ def _load_or_create_key(path: Path) -> ec.EllipticCurvePrivateKey:
 def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:  # the last: an unknown key type
         raise DevPkiError(
             f"{path}: not a usable private key ({exc}); delete it to start a new dev PKI"
         ) from exc
@@ -402,8 +402,11 @@ class NsmEmulator:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.module_id = default_module_id() if module_id is None else module_id
-        if not 1 <= len(self.module_id) <= MAX_MODULE_ID or not self.module_id.isprintable():
-            raise ValueError(f"module_id must be 1 to {MAX_MODULE_ID} printable characters")
+        # ASCII as well: parse_document refuses any other module_id, so its documents would not parse.
+        if not 1 <= len(self.module_id) <= MAX_MODULE_ID or not (
+            self.module_id.isascii() and self.module_id.isprintable()
+        ):
+            raise ValueError(f"module_id must be 1 to {MAX_MODULE_ID} printable ASCII characters")
         self.pki = pki  # public: the dev world's KMS front trusts its root
         self._clock = clock
         self._values = [ZERO_PCR] * PCR_COUNT

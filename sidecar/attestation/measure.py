@@ -12,7 +12,8 @@ Definitions (all hashes SHA-384, all integers unsigned 64-bit big-endian, ``||``
 ``tree(locations)``: every regular file under the package's directories, recursively, skipping
 ``__pycache__`` directories and ``*.pyc`` files (every other file counts: data, templates,
 ``py.typed``); a single-file module is that one file. Entries are ``(path, content)``, ``path``
-the POSIX path relative to its package directory, sorted by path then content::
+the POSIX path relative to its package directory (UTF-8; a name that is not UTF-8 as its raw
+bytes), sorted by path then content::
 
     tree = SHA384("enclave-sidecar/tree/v1" || count || lp(path_1) || lp(content_1) || ...)
 
@@ -103,7 +104,9 @@ def tree_digest(entries: Iterable[tuple[str, bytes]]) -> bytes:
     ordered = sorted(entries)
     digest = hashlib.sha384(_TREE_DOMAIN + _u64(len(ordered)))
     for path, content in ordered:
-        digest.update(_lp(path.encode("utf-8")))
+        # surrogateescape: a file name that is not UTF-8 counts as its raw bytes (os.fsencode),
+        # rather than failing with UnicodeEncodeError; UTF-8 names encode as before.
+        digest.update(_lp(path.encode("utf-8", "surrogateescape")))
         digest.update(_lp(content))
     return digest.digest()
 

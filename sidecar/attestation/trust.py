@@ -44,16 +44,22 @@ def parse_time(text: str) -> datetime:
 def parse_expected_pcrs(items: tuple[str, ...]) -> dict[int, bytes]:
     pcrs: dict[int, bytes] = {}
     for item in items:
-        index, sep, value = item.partition("=")
-        if not sep or not (index.strip().isascii() and index.strip().isdigit()):
+        digits, sep, value = item.partition("=")
+        digits = digits.strip()
+        if not sep or not (digits.isascii() and digits.isdigit()):
             raise TrustInputError(f"--expect-pcr {item!r}: expected N=HEX")
         try:
             data = bytes.fromhex(value.strip())
         except ValueError:
             raise TrustInputError(f"--expect-pcr {item!r}: the value is not hex") from None
-        if not 0 <= int(index) <= 31 or len(data) not in (32, 48, 64):
+        # Length first: int() of more than 4300 digits raises ValueError, not a usage error.
+        if len(digits) > 2 or not 0 <= int(digits) <= 31 or len(data) not in (32, 48, 64):
             raise TrustInputError(f"--expect-pcr {item!r}: index 0..31 and 32, 48 or 64 bytes")
-        pcrs[int(index)] = data
+        index = int(digits)
+        # Two different values for one PCR cannot both hold; keeping the last would drop one silently.
+        if pcrs.get(index, data) != data:
+            raise TrustInputError(f"--expect-pcr {item!r}: PCR{index} is already expected with another value")
+        pcrs[index] = data
     return pcrs
 
 

@@ -59,6 +59,9 @@ __all__ = [
 MAX_CMS_BYTES = 1 << 20
 _AES_BLOCK = 16
 _CONTENT_KEY_BYTES = 32  # AES-256
+# Our recipient key is RSA-2048. A smaller one is too weak to wrap a data key, and below 784 bits
+# OAEP-SHA-256 cannot hold 32 bytes at all (cryptography then raises a bare ValueError).
+_MIN_RECIPIENT_BITS = 2048
 _ENVELOPED_DATA_VERSION = 2  # RFC 5652 6.1: 2 because the recipient uses subjectKeyIdentifier
 _KTRI_VERSION = 2  # RFC 5652 6.2.1: 2 for a subjectKeyIdentifier rid
 _OAEP_FAILED = "encrypted key did not decrypt"  # one message for every OAEP failure: no oracle detail
@@ -250,6 +253,10 @@ def encrypt_for_recipient(plaintext: bytes, spki_der: bytes) -> bytes:
         raise CmsError(f"recipient key is not a DER SubjectPublicKeyInfo: {_one_line(exc)}") from exc
     if not isinstance(public_key, rsa.RSAPublicKey):
         raise CmsError(f"recipient key is {type(public_key).__name__}, expected RSA")
+    if public_key.key_size < _MIN_RECIPIENT_BITS:
+        raise CmsError(
+            f"recipient key is RSA-{public_key.key_size}, at least {_MIN_RECIPIENT_BITS} bits needed"
+        )
 
     content_key = os.urandom(_CONTENT_KEY_BYTES)  # fresh per message, as KMS does
     iv = os.urandom(_AES_BLOCK)

@@ -158,7 +158,7 @@ class HostEgress:
             # As the enclave's proxy: a wildcard must not reach the parent's own loopback ("host"),
             # even from an enclave app that speaks this protocol itself.
             decision = only_a_named_rule_allows(
-                policy.check(host, port), wire.OUTSIDE_HOST, wire.OUTSIDE_HOST_REASON
+                policy, policy.check(host, port), wire.OUTSIDE_HOST, wire.OUTSIDE_HOST_REASON
             )
             if not decision.allowed:
                 self.stats.denied += 1

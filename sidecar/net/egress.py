@@ -25,7 +25,8 @@ Answers (a ``text/plain`` body of one line says why; never a traceback):
 
 =====  =====================================================================================
 400    malformed request: bad request line or header, CONNECT without ``host:port``, origin-form
-       or ``https://`` target, a bad host name, HTTP version other than 1.0/1.1, TRACE/TRACK
+       or ``https://`` target, a bad host name, HTTP version other than 1.0/1.1, TRACE/TRACK,
+       both ``Content-Length`` and ``Transfer-Encoding``
 403    the policy denied the target (the body is the decision's reason), here or at the parent
        (``EACCES``) or the upstream proxy (its 403)
 408    a request head began but did not complete within the request timeout (a client that sends
@@ -113,6 +114,9 @@ _HOP_BY_HOP = frozenset(
 )
 _REFUSED_METHODS = frozenset({b"TRACE", b"TRACK"})  # echo request headers (credentials) back
 _BLANK_LINE = re.compile(rb"\n\r?\n")  # where h11 itself ends a head (h11._readers)
+# The body's framing: h11 framed what it read by these, so Connection must not remove them (the
+# body would then go on without them, and h11 refuses to send it: a 500 for the client's header).
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 
 
 # --------------------------------------------------------------------------------------------- upstreams
@@ -255,7 +259,10 @@ class HttpProxyUpstream:
             parts = urlsplit(url)
             port = parts.port
         except ValueError as e:
-            raise ValueError(f"upstream proxy {shown!r}: {e}") from None
+            # urlsplit quotes the text it took for the port, which is part of the password when an
+            # unencoded '/', '?' or '#' in it cut the authority short: never echo it then.
+            detail = "bad port, or a user name or password with an unencoded '/', '?', '#' or '@'"
+            raise ValueError(f"upstream proxy {shown!r}: {detail if '@' in url else e}") from None
         if parts.scheme.lower() != "http":
             raise ValueError(f"upstream proxy {shown!r}: expected http://HOST:PORT")
         if not parts.hostname or port is None:
@@ -391,10 +398,11 @@ def without_credentials(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
-    authority, slash, tail = rest.partition("/")
-    if "@" in authority:
-        authority = "***@" + authority.rsplit("@", 1)[1]
-    return f"{scheme}{sep}{authority}{slash}{tail}"
+    # Up to the last '@' anywhere, not just in the authority: an unencoded '/', '?' or '#' in a
+    # password ends the authority early, and the rest of the password would show as a path.
+    if "@" in rest:
+        return f"{scheme}{sep}***@{rest.rsplit('@', 1)[1]}"
+    return url
 
 
 def proxy_environment(port: int) -> dict[str, str]:
@@ -470,6 +478,7 @@ def _filter_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes,
     for name, value in headers:
         if name == b"connection":
             named.update(token.strip().lower() for token in value.split(b","))
+    named -= _FRAMING
     return [
         (name, value)
         for name, value in headers
@@ -721,6 +730,11 @@ class EgressProxy:
         except PolicyError as e:
             raise _Reply(400, f"bad URL {_short(target)!r}: {e}", "url") from None
         assert port is not None  # http:// supplies 80
+        names = {name for name, _ in request.headers}
+        if b"transfer-encoding" in names and b"content-length" in names:
+            # h11 frames the body as chunked but would pass Content-Length on as well: an origin (or
+            # a front before it) that trusts Content-Length splits the body elsewhere (smuggling).
+            raise _Reply(400, "a request has Content-Length or Transfer-Encoding, not both", "te and cl")
         path = parts.path or "/"
         origin_target = path + ("?" + parts.query if parts.query else "")
         authority = _display(host, port) if port != 80 else (f"[{host}]" if ":" in host else host)
@@ -729,7 +743,9 @@ class EgressProxy:
     def _check(self, target: _Target, method: str) -> Decision:
         decision = self.policy.check(target.host, target.port)
         if isinstance(self.upstream, VsockUpstream):  # for the parent, "host" is its own 127.0.0.1
-            decision = only_a_named_rule_allows(decision, wire.OUTSIDE_HOST, wire.OUTSIDE_HOST_REASON)
+            decision = only_a_named_rule_allows(
+                self.policy, decision, wire.OUTSIDE_HOST, wire.OUTSIDE_HOST_REASON
+            )
         if not decision.allowed:
             self.stats.denied += 1
             self._log(method, target, 403, decision, 0, 0, time.monotonic())
@@ -1032,6 +1048,10 @@ class _Exchange:
                 self._fail(502, f"{shown} closed the connection without a response")
             if isinstance(ev, h11.InformationalResponse) and ev.status_code == 101:
                 self._fail(502, f"{shown} switched protocols without being asked")
+            if isinstance(ev, h11.InformationalResponse) and self.conn.their_http_version == b"1.0":
+                # RFC 9110 section 15.2: never a 1xx to an HTTP/1.0 client, which would take it for the
+                # final response and read the real one as its body.
+                continue
             try:
                 out = self.conn.send(self._towards_client(ev))
             except h11.LocalProtocolError as e:  # something h11 accepted but cannot pass on as is

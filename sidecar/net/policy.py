@@ -732,8 +732,8 @@ class EgressPolicy:
         return decision
 
 
-def only_a_named_rule_allows(decision: Decision, name: str, why: str) -> Decision:
-    """``decision``, unless it allowed ``name`` through a rule whose pattern is not exactly ``name``.
+def only_a_named_rule_allows(policy: EgressPolicy, decision: Decision, name: str, why: str) -> Decision:
+    """``decision`` (made by ``policy``), unless no allow rule that is exactly ``name`` permits it.
 
     For the special name ``host`` (the parent's own loopback) a wildcard such as ``**`` or ``*:443``
     must not open the parent's local services by accident: only ``allow: [host]`` (or ``host:PORT``)
@@ -743,6 +743,11 @@ def only_a_named_rule_allows(decision: Decision, name: str, why: str) -> Decisio
         return decision
     if decision.rule is not None and parse_rule(decision.rule).pattern == name:
         return decision
+    # The deciding rule is the earliest match, so a wildcard listed first hides a named rule after
+    # it (allow: ['**', 'host:22']): look for the named rule itself. No deny rule matched already.
+    for _, rule in policy._allow.exact.get((name,), []):
+        if rule.port_matches(decision.port, deny=False):
+            return _decision(True, rule, f"by allow rule {rule.text!r}", name, decision.port)
     return _decision(
         False, None, f"{why}; only an allow rule naming {name!r} permits it", name, decision.port
     )

@@ -381,6 +381,23 @@ def test_an_exact_deny_holds_against_a_trailing_slash(server: VaultServer, name:
     assert server.request("GET", "auth/token/lookup-self/", token=token).status_code == 404
 
 
+def test_a_list_is_judged_without_its_slash_when_no_glob_matches_it(server: VaultServer, name: str) -> None:
+    # OpenBao does: `secret/metadata/NAME/+` grants the LIST of secret/metadata/NAME/app/ (the
+    # rule matches "…/app", not "…/app/"), unless a rule matching "…/app/" itself says otherwise.
+    data_of(server.request("POST", f"secret/data/{name}/app/k", {"data": {"k": 1}}))
+    data_of(server.request("POST", f"secret/data/{name}/closed/k", {"data": {"k": 1}}))
+    put_policy(
+        server,
+        name,
+        f'path "secret/metadata/{name}/+" {{ capabilities = ["list"] }}\n'
+        f'path "secret/metadata/{name}/closed/*" {{ capabilities = ["deny"] }}\n',
+    )
+    token = str(new_token(server, policies=[name])["client_token"])
+    assert data_of(server.request("LIST", f"secret/metadata/{name}/app/", token=token))["keys"] == ["k"]
+    denied(server.request("LIST", f"secret/metadata/{name}/closed/", token=token))
+    denied(server.request("GET", f"secret/metadata/{name}/app/", token=token))
+
+
 @pytest.mark.parametrize("spelling", ["{name}-ADMIN", "{name}-admin%20"])
 def test_a_deny_on_a_policy_holds_for_other_spellings_of_its_name(
     server: VaultServer, name: str, spelling: str
