@@ -48,7 +48,6 @@ from sidecar.server import REQUEST_ID, PluginStartupError, json_error
 
 PASSENGER_PATH: Final = "/enclave/passenger"
 PASSENGERS_PATH: Final = "/enclave/passengers"
-METRICS_PATH: Final = "/enclave/no-fly/metrics"
 
 CLEARED: Final = b" is cleared to fly. Enjoy your flight!\n"
 DENIED: Final = b" is on the no-fly list and CAN NOT BOARD!\n"
@@ -267,9 +266,10 @@ class NoFlyService:
     # ------------------------------------------------------------------ routes
 
     def routes(self, listener: Listener) -> list[Route]:
-        """The passenger routes on an ingress listener; the metrics route on the internal API one."""
-        if listener.audience == "api":
-            return [Route("GET", METRICS_PATH, self.handle_metrics, name="no_fly_metrics")]
+        """The passenger routes on the plugin's ingress listener (the counters go to the log instead of
+        a route: the sidecar asks a plugin only about the listener sidecar.yaml assigns it)."""
+        if listener.audience != "ingress":
+            return []
         # The batch route keeps the sidecar-wide body limit (limits.max_body_bytes, 1 MiB by
         # default): a larger per-route limit would make the server clone every other request on
         # this listener. 1000 names of 256 characters fit 1 MiB as UTF-8 JSON (4 bytes a character
@@ -561,9 +561,6 @@ class NoFlyService:
         self.metrics.denied += denied
         results = [{"name": n, "cleared": not on_list} for n, on_list in zip(names, verdicts, strict=True)]
         return web.Response(body=json.dumps({"results": results}).encode(), headers=JSON_HEADERS)
-
-    async def handle_metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=json.dumps(self.metrics_snapshot()).encode(), headers=JSON_HEADERS)
 
 
 def _open_and_index(envelope: Envelope, answer: dict[str, Any]) -> NameIndex:
