@@ -595,3 +595,22 @@ async def test_a_proxy_adding_x_forwarded_for_is_refused_by_imds(imds: DevImds) 
             await asyncio.to_thread(ImdsClient(imds.url, proxy=url).region)
     finally:
         await stop()
+
+
+def test_credentials_already_expired_are_an_imds_error_not_a_runtime_error() -> None:
+    # Threat: expired credentials (IMDS stale, or this machine's clock ahead) surface as botocore's
+    # bare RuntimeError, which callers report as an internal error with no reason.
+    class Stale:
+        def credentials(self) -> dict[str, str]:
+            return {
+                "AccessKeyId": "ASIAEXAMPLE",
+                "SecretAccessKey": "secret-never-shown",
+                "Token": "token-never-shown",
+                "Expiration": "2020-01-01T00:00:00Z",
+            }
+
+    with pytest.raises(ImdsError) as excinfo:  # the first fetch and every refresh run the same check
+        refreshable_credentials(Stale())  # type: ignore[arg-type]
+    message = str(excinfo.value)
+    assert "expired at 2020-01-01T00:00:00Z" in message and "clock" in message
+    assert "never-shown" not in message

@@ -33,6 +33,7 @@ from botocore.credentials import CredentialResolver
 from botocore.exceptions import ClientError
 
 from sidecar.aws.clients import ClientFactory
+from sidecar.aws.imds import ImdsError
 from sidecar.aws.kms import AttestedKmsError
 from sidecar.aws.kms_proxy import (
     AMZ_JSON,
@@ -795,3 +796,16 @@ async def test_app_factory_holds_its_state_in_an_app_key() -> None:
     app = create_kms_proxy_app(FakeAttestedKms(None), factory)
     assert [r.method for r in app.router.routes()] == ["POST"]
     assert len(app.cleanup_ctx) == 1
+
+
+def test_no_credentials_is_a_503_naming_the_imds_step(proxy_url: str, attested: FakeAttestedKms) -> None:
+    # Threat: an IMDS outage (or a skewed clock) reads as a proxy bug, or its detail leaks a token.
+    attested.fail = ImdsError("GET /latest/meta-data/iam/security-credentials/r", "connection refused", 3)
+    with pytest.raises(ClientError) as excinfo:
+        one_attempt(proxy_url).generate_random(NumberOfBytes=8)
+    code, status, message = error_of(excinfo)
+    assert (code, status) == ("KMSInternalException", 503)
+    assert message == (
+        "no AWS credentials: IMDS GET /latest/meta-data/iam/security-credentials/r failed after 3 attempts: "
+        "connection refused"
+    )

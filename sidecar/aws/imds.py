@@ -310,6 +310,14 @@ class _Refresher:
         expiry = _parse_time(data["Expiration"])
         now = datetime.datetime.now(datetime.UTC)
         lifetime = (expiry - now).total_seconds()
+        if lifetime <= 0:
+            # botocore would raise a bare RuntimeError ("still expired"): say what is wrong instead.
+            raise ImdsError(
+                f"GET {CREDENTIALS_PATH}",
+                f"the credentials IMDS answered expired at {data['Expiration']} "
+                "(is this machine's clock right?)",
+                1,
+            )
         updated = data.get("LastUpdated")
         if isinstance(updated, str):
             try:

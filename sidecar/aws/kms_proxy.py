@@ -74,6 +74,7 @@ from botocore.exceptions import (
 from botocore.model import ListShape, MapShape, ServiceModel, Shape, StructureShape
 
 from sidecar.aws.clients import USER_AGENT_EXTRA, ClientFactory
+from sidecar.aws.imds import ImdsError
 from sidecar.aws.kms import ATTESTED_OPERATIONS, CIPHERTEXT_FOR_RECIPIENT, AttestedKmsError
 from sidecar.logs import event
 
@@ -233,6 +234,10 @@ async def handle_kms(request: web.Request) -> web.Response:
             response = await _forward(state, request, operation, region, body)
     except KmsProxyError as exc:
         response = error_response(exc.status, exc.code, exc.message, request_id)
+    except ImdsError as exc:
+        # No credentials to sign with: a dependency failure (retryable), not a fault of the proxy.
+        # ImdsError's message never holds a token or a credential.
+        response = error_response(503, "KMSInternalException", f"no AWS credentials: {exc}", request_id)
     except asyncio.CancelledError:
         raise
     except Exception as exc:
