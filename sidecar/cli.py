@@ -269,6 +269,9 @@ def config_command(manifest_path: str | None, config_path: str | None, redacted:
 @click.option(
     "--expect-pcr", "expect_pcrs", multiple=True, metavar="N=HEX", help="require PCR N (repeatable)"
 )
+@click.option(
+    "--allow-debug", is_flag=True, help="accept a debug-mode enclave (PCR0 all zeros; refused by default)"
+)
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def trust(
     url: str | None,
@@ -276,13 +279,15 @@ def trust(
     root_path: str | None,
     at_text: str | None,
     expect_pcrs: tuple[str, ...],
+    allow_debug: bool,
     as_json: bool,
 ) -> None:
     """Fetch a running sidecar's attestation document with a fresh nonce and verify it fully.
 
     URL is the sidecar's ingress (http://host:8001); the document comes from
     /enclave/attestation. Checks the ES384 signature, the certificate chain to the root, every
-    certificate's validity at the time, the nonce, the recipient-key binding and any --expect-pcr.
+    certificate's validity at the time, the nonce, the recipient-key binding, that the enclave is not
+    in debug mode (PCR0 all zeros) and any --expect-pcr.
     Exit code 0 verified, 1 not verified (the reason on one line), 2 usage or input error.
     """
     from sidecar.attestation.trust import (
@@ -309,6 +314,7 @@ def trust(
             root=root,
             at=parse_time(at_text) if at_text else None,
             pcrs=parse_expected_pcrs(expect_pcrs),
+            allow_debug=allow_debug,
         )
     except (TrustInputError, AttestationError) as exc:
         fail(str(exc))

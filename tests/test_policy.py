@@ -52,6 +52,9 @@ def test_principal_gets_an_admin_statement_that_cannot_decrypt() -> None:
         ({"pcr0": "abc"}, "--pcr0 must be 96 hex digits"),
         ({"pcr0": "zz" * 48}, "--pcr0 must be 96 hex digits"),
         ({"pcr0": PCR0, "pcrs": {32: PCR8}}, "--pcr index must be 0..31"),
+        # Threat: a key pinned to zeros opens to any debug-mode enclave (its console is readable).
+        ({"pcr0": "0" * 96}, "--pcr0 is all zeros: that is what every debug-mode enclave reports"),
+        ({"pcr0": PCR0, "pcrs": {1: "0" * 96}}, "--pcr 1 is all zeros"),
         ({"pcr0": PCR0, "principal": "root"}, "--principal must be an IAM or STS ARN"),
         ({"pcr0": PCR0, "key_arn": "alias/x"}, "--key-arn must be a KMS key ARN"),
     ],

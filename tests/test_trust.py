@@ -47,6 +47,33 @@ def test_stored_document_verifies_at_its_own_time() -> None:
     assert "aws.nitro-enclaves" in out
 
 
+DEBUG_DOC = VECTORS / "capeprivacy_cape_js_test.cbor"  # real hardware, --debug-mode: PCR0 all zeros
+DEBUG_TS = "1657650918399"
+
+
+def test_a_debug_mode_enclave_is_not_verified_unless_allowed() -> None:
+    # Threat: a debug-mode enclave (console readable from the parent, PCRs all zeros) passes as
+    # VERIFIED because its document is correctly signed by real Nitro hardware.
+    refused = trust("--document", str(DEBUG_DOC), "--at", DEBUG_TS)
+    assert refused.returncode == 1, refused.stderr
+    assert "check       FAIL production mode: PCR0 is all zeros" in refused.stdout
+    (line,) = refused.stderr.splitlines()
+    assert line.startswith("not verified: production mode: PCR0 is all zeros: the enclave runs in debug mode")
+    allowed = trust("--document", str(DEBUG_DOC), "--at", DEBUG_TS, "--allow-debug", "--json")
+    assert allowed.returncode == 0, allowed.stderr
+    report = json.loads(allowed.stdout)
+    assert report["verified"] is True
+    assert {
+        "name": "production mode",
+        "ok": True,
+        "detail": "PCR0 is all zeros: debug mode, accepted by --allow-debug",
+    } in report["checks"]
+    production = trust("--document", str(MARLIN), "--at", MARLIN_TS, "--json")
+    assert {"name": "production mode", "ok": True, "detail": "PCR0 is the image's measurement"} in json.loads(
+        production.stdout
+    )["checks"]
+
+
 def test_stored_document_is_expired_now() -> None:
     # Threat: replaying an old, once-valid document. Its leaf certificate lived three hours.
     result = trust("--document", str(MARLIN))

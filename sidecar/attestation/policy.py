@@ -46,6 +46,10 @@ def check_pcr(label: str, value: str) -> str:
         raise PolicyInputError(
             f"{label} must be 96 hex digits (a SHA-384 measurement), got {len(value)} characters"
         )
+    if not value.strip("0"):
+        # A debug-mode enclave reports its PCRs as zeros: a key pinned to zeros opens to any image
+        # run with --debug-mode, whose console the parent instance can read.
+        raise PolicyInputError(f"{label} is all zeros: that is what every debug-mode enclave reports")
     return value.lower()
 
 

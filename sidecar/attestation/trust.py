@@ -98,11 +98,18 @@ class TrustReport:
     result: VerificationResult
     source: str
     binding_required: bool
+    allow_debug: bool = False
 
     @property
     def checks(self) -> list[Check]:
-        """The verifier's checks, plus the recipient-key binding for documents fetched from a sidecar."""
-        return [*self.result.checks, self.binding_check()] if self.binding_required else self.result.checks
+        """The verifier's checks, the debug-mode check, and the recipient-key binding for documents
+        fetched from a sidecar."""
+        checks = list(self.result.checks)
+        if self.result.document is not None:
+            checks.append(self.debug_check())
+        if self.binding_required:
+            checks.append(self.binding_check())
+        return checks
 
     @property
     def ok(self) -> bool:
@@ -113,6 +120,24 @@ class TrustReport:
         if not self.result.ok:
             return self.result.failure
         return next((f"{c.name}: {c.detail}" for c in self.checks if not c.ok), None)
+
+    def debug_check(self) -> Check:
+        """Nitro reports PCR0 as all zeros for an enclave run with --debug-mode: its console is
+        readable from the parent instance, and its PCRs attest no image. A correct signature from
+        such an enclave proves nothing about the code, so it is not VERIFIED unless asked for."""
+        doc = self.result.document
+        assert doc is not None
+        pcr0 = doc.pcrs.get(0, b"")
+        if any(pcr0):
+            return Check("production mode", True, "PCR0 is the image's measurement")
+        if self.allow_debug:
+            return Check("production mode", True, "PCR0 is all zeros: debug mode, accepted by --allow-debug")
+        return Check(
+            "production mode",
+            False,
+            "PCR0 is all zeros: the enclave runs in debug mode (its console is readable from the parent "
+            "and its PCRs attest no image); --allow-debug accepts it",
+        )
 
     def binding_check(self) -> Check:
         doc = self.result.document
@@ -130,6 +155,7 @@ def check(
     root: Any = None,
     at: datetime | None = None,
     pcrs: dict[int, bytes] | None = None,
+    allow_debug: bool = False,
 ) -> TrustReport:
     nonce = None
     if url is not None:
@@ -137,7 +163,7 @@ def check(
         document = fetch_document(url, nonce)
     assert document is not None
     result = verify_document(document, root=root, at=at, expect=Expectations(pcrs=pcrs or {}, nonce=nonce))
-    return TrustReport(result, url or "file", binding_required=url is not None)
+    return TrustReport(result, url or "file", binding_required=url is not None, allow_debug=allow_debug)
 
 
 def render_text(report: TrustReport) -> str:
