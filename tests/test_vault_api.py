@@ -434,6 +434,15 @@ async def test_found_by_review_client_mistakes_are_400s(vault: Vault) -> None:
     status, body, _ = await vault.call("POST", "secret/data/inf", raw=b'{"data": {"n": 1e400}}')
     assert status == 400 and body["errors"][0] == "failed to decode JSON input: number 1e400 is out of range"
     assert (await vault.call("GET", "secret/data/inf"))[0] == 404
+    # An integer of more digits than Python converts: the 400 named the interpreter's settings.
+    status, body, _ = await vault.call(
+        "POST", "secret/data/big-int", raw=b'{"data": {"n": ' + b"9" * 5000 + b"}}"
+    )
+    assert status == 400
+    assert (
+        body["errors"][0]
+        == "failed to decode JSON input: number " + "9" * 40 + "... is out of range (5000 digits)"
+    )
     # "\u00b2".isdigit() is true but int() refuses it: sys/health answered 500.
     for query in ("standbycode=%C2%B2", "activecode=%E2%91%A0", "activecode=%D9%A2%D9%A0%D9%A0"):
         status, _, _ = await vault.call("GET", f"sys/health?{query}", token=None)

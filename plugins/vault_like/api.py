@@ -113,6 +113,18 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _bounded_int(text: str) -> int:
+    """A JSON integer; one of more digits than Python converts (4300) is refused with our own words
+    (the interpreter's message names its settings)."""
+    if len(text) > MAX_INT_DIGITS:
+        raise ValueError(f"number {text[:40]}... is out of range ({len(text)} digits)")
+    return int(text)
+
+
+# Python's default limit for str-to-int conversion (sys.int_info.default_max_str_digits).
+MAX_INT_DIGITS = 4300
+
+
 def _finite_float(text: str) -> float:
     """A JSON number as a float; one too large for a float (1e400) is refused, as OpenBao refuses
     it, instead of becoming infinity and being stored and answered as ``Infinity`` (not JSON)."""
@@ -131,7 +143,9 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise VaultError(400, "failed to decode JSON input: the body is not valid UTF-8") from None
     try:
-        doc: Any = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        doc: Any = json.loads(
+            text, parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_bounded_int
+        )
     except RecursionError:
         raise VaultError(400, "failed to decode JSON input: nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError's text names a position, never the input
