@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import inspect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -135,6 +136,17 @@ def _register(pm: pluggy.PluginManager, name: str, obj: object) -> None:
             if impl.plugin_name == name and not impl.optionalhook:
                 pm.unregister(name=name)
                 raise PluginError(name, f"unknown hook {hook_name!r}" + suggest(hook_name, known))
+    # The sidecar calls every hook but lifespan without awaiting it: an ``async def`` one would
+    # hand back a coroutine that never runs (routes not iterable, a readiness report that fails).
+    for caller in pm.get_hookcallers(pm.get_plugin(name)) or []:
+        for impl in caller.get_hookimpls():
+            if (
+                impl.plugin_name == name
+                and caller.name != "lifespan"
+                and inspect.iscoroutinefunction(impl.function)
+            ):
+                pm.unregister(name=name)
+                raise PluginError(name, f"hook {caller.name!r} must be a plain function, not async def")
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:  # pragma: no cover - caught above, kept as a backstop

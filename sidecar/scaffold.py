@@ -12,6 +12,8 @@ logs a request's contents.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import importlib.util
 import keyword
 import re
 from dataclasses import dataclass
@@ -68,7 +70,28 @@ def plugin_names(name: str) -> PluginNames:
         # Two plugins under one name: only the first is ever loaded, silently.
         raise ScaffoldError(f"a plugin named {name!r} is already installed (by {owner}); choose another name")
     module = name if name.startswith("sidecar_") else f"sidecar_{name}"
-    return PluginNames(name=name, module=module, distribution=module.replace("_", "-"))
+    distribution = module.replace("_", "-")
+    # "foo" and "sidecar_foo" share a module and a distribution: installing one would uninstall the
+    # other (pip replaces a distribution of the same name) or shadow its module.
+    try:
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    else:
+        raise ScaffoldError(
+            f"a distribution named {distribution!r} is already installed; installing the new package "
+            "would replace it. Choose another plugin name"
+        )
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None:
+        where = spec.origin or ", ".join(spec.submodule_search_locations or []) or "?"
+        raise ScaffoldError(
+            f"a module named {module!r} is already importable (from {where}); choose another plugin name"
+        )
+    return PluginNames(name=name, module=module, distribution=distribution)
 
 
 def render(names: PluginNames) -> dict[str, str]:
@@ -283,8 +306,10 @@ async def lifespan(context: PluginContext) -> AsyncIterator[None]:
 
 def _authorized(request: web.Request, token: str) -> bool:
     scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-    # compare_digest takes the same time wherever the first wrong byte is.
-    return scheme.lower() == "bearer" and hmac.compare_digest(presented.encode(), token.encode())
+    # compare_digest takes the same time wherever the first wrong byte is. surrogateescape: a header
+    # that is not UTF-8 arrives with lone surrogates, and a plain encode() would answer 500, not 401.
+    given = presented.encode("utf-8", "surrogateescape")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given, token.encode())
 '''
 
 TESTS: Final = '''\

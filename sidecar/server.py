@@ -19,13 +19,13 @@ import os
 import re
 import signal
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pluggy
-from aiohttp import hdrs, web
+from aiohttp import HttpVersion11, hdrs, web
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -164,6 +164,9 @@ class Runtime:
                 for batch in call_plugin(
                     self.pm, name, "register_routes", listener=listener, context=state.context
                 ):
+                    if not isinstance(batch, Iterable):  # e.g. one Route, not a list of them
+                        got = f"register_routes returned a {type(batch).__name__}"
+                        raise PluginError(name, f"{got}, expected a list of Routes")
                     for route in batch:
                         if not isinstance(route, Route):
                             raise PluginError(
@@ -185,14 +188,18 @@ class Runtime:
             raise PluginError(
                 name, f"route {method} {route.path} on {listener.name} is reserved by the sidecar"
             )
+        try:
+            key = _path_key(route.path)
+        except ValueError:  # aiohttp's own check, run here so that the error names the plugin
+            raise PluginError(name, f"route path {route.path!r} is not a valid route pattern") from None
         # A GET route answers HEAD too; "*" takes every method.
         methods = {method, "HEAD"} if method == "GET" else {method}
         for (other_method, path), owner in claimed.items():
-            if path == route.path and ("*" in (method, other_method) or other_method in methods):
+            if path == key and ("*" in (method, other_method) or other_method in methods):
                 who = "itself twice" if owner == name else f"plugin {owner!r} too"
                 raise PluginError(name, f"route {method} {route.path} on {listener.name} is claimed by {who}")
         for each in methods:
-            claimed[(each, route.path)] = name
+            claimed[(each, key)] = name
 
     def routes_of(self, plugin: str) -> list[tuple[Listener, Route]]:
         return [(li, r) for li, items in self.routes.items() for owner, r in items if owner == plugin]
@@ -289,6 +296,13 @@ class Runtime:
                 await gen.aclose()  # type: ignore[attr-defined]
             except StopAsyncIteration:
                 event(log, logging.INFO, "plugin_stopped", plugin=name)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # the shutdown itself is cancelled
+                # The plugin's own (it awaited a task it had just cancelled): a failed clean-up like
+                # any other, which must not skip the other plugins' nor the sidecar's exit code.
+                event(log, logging.ERROR, "plugin_cleanup_failed", plugin=name, error="CancelledError")
             except Exception as exc:
                 log.error(
                     "plugin_cleanup_failed",
@@ -344,6 +358,11 @@ class Runtime:
         except OSError as exc:
             await self.stop()
             raise ConfigError(self.manifest.path, "", f"cannot listen: {exc.strerror or exc}") from None
+        except BaseException:
+            # A TLS key pair that does not load, ...: what already listens (and the plugins the
+            # primary started) must not outlive a start that failed; callers only stop a started one.
+            await self.stop()
+            raise
 
     def _tls(self, listener: Listener) -> ssl.SSLContext | None:
         if listener.audience != "ingress":
@@ -445,6 +464,21 @@ class Runtime:
             await asyncio.Event().wait()  # started fine: never fire
 
 
+_GROUP_NAME = re.compile(r"\(\?P<\w+>")
+
+
+def _path_key(path: str) -> str:
+    """What aiohttp matches ``path`` against: one key for ``/x/{id}`` and ``/x/{name:[^{}/]+}``.
+
+    Two such routes are one route: aiohttp sends every request to the first, and the other's
+    handler is never reached. Raises ValueError for a path aiohttp refuses.
+    """
+    info = web.UrlDispatcher().add_resource(path).get_info()
+    pattern = info.get("pattern")
+    # A variable's name does not change what matches; "~" keeps a pattern apart from a plain path.
+    return path if pattern is None else "~" + _GROUP_NAME.sub("(", pattern.pattern)
+
+
 def freeze_heap() -> None:
     """Exempt everything start-up made (imports, plugins' indexes, SDK models) from the cyclic GC.
 
@@ -487,12 +521,16 @@ def create_app(runtime: Runtime, listener: Listener, primary: bool = False) -> w
 
     def add(method: str, path: str, handler: Handler, limit: int, **kwargs: Any) -> web.AbstractRoute:
         wrapped = wrap_handler(runtime, listener, handler, limit, app_limit, **kwargs)
+        expect = expect_handler(runtime, limit, **kwargs)
         if method == "GET":  # GET routes answer HEAD too, as aiohttp's add_get does
-            return app.router.add_get(path, wrapped)
-        return app.router.add_route(method, path, wrapped)
+            return app.router.add_get(path, wrapped, expect_handler=expect)
+        return app.router.add_route(method, path, wrapped, expect_handler=expect)
 
+    core_expect = expect_handler(runtime, settings.max_body_bytes)
     for path, core in ((HEALTH_PATH, handle_health), (READY_PATH, handle_ready)):
-        app.router.add_get(path, wrap_core(runtime, listener, core, settings.max_body_bytes))
+        app.router.add_get(
+            path, wrap_core(runtime, listener, core, settings.max_body_bytes), expect_handler=core_expect
+        )
     for plugin, route in routes:
         limit = route.max_body_bytes or settings.max_body_bytes
         added = add(
@@ -508,16 +546,66 @@ def create_app(runtime: Runtime, listener: Listener, primary: bool = False) -> w
     # Registered last and at the root, so it only sees requests no other route took. Sensitive: a
     # path no route matched is client text that may carry a name or a secret (a mistyped URL, a
     # percent-encoded "?"), so the access log writes the pattern, never the path.
-    # [\s\S], not ".": a path with an encoded newline (%0A) must reach this route too, or aiohttp
-    # answers it itself (no request id) and logs its raw path.
-    fallback = add("*", "/{tail:[\\s\\S]*}", handle_fallback, settings.max_body_bytes)
-    app[SENSITIVE].add(fallback.resource)
+    fallback = CatchAllResource("/{tail}")
+    app.router.register_resource(fallback)
+    fallback.add_route(
+        "*",
+        wrap_handler(runtime, listener, handle_fallback, settings.max_body_bytes, app_limit),
+        expect_handler=core_expect,
+    )
+    app[SENSITIVE].add(fallback)
     public = [r for r in app.router.resources() if r not in app[SENSITIVE]]
     app[PLAIN_PATHS] = frozenset(r.canonical for r in public if isinstance(r, web.PlainResource))
     app[PUBLIC] = frozenset(route for resource in public for route in resource)
     if primary:
         app.cleanup_ctx.append(runtime.plugin_lifespans)
     return app
+
+
+class CatchAllResource(web.DynamicResource):
+    """The fallback's resource: it matches every path the router offers it.
+
+    A ``/...`` pattern cannot match a target that is not a path, such as ``OPTIONS *``, nor (with
+    ".") one holding an encoded newline; aiohttp then answered itself, in text and without a
+    request id. Only reached by requests no other route took. Overrides aiohttp's private
+    ``DynamicResource._match`` (aiohttp 3.14), pinned by tests/test_server.py.
+    """
+
+    def _match(self, path: str) -> dict[str, str] | None:
+        return {"tail": path}
+
+
+def expect_handler(
+    runtime: Runtime,
+    limit: int,
+    plugin: PluginState | None = None,
+    error_response: ErrorResponse | None = None,
+) -> Callable[[web.Request], Awaitable[web.StreamResponse | None]]:
+    """A route's answer to ``Expect``; aiohttp calls it only for requests that carry the header.
+
+    aiohttp's default answers an unknown expectation with a text 417 of its own (no request id),
+    and sends ``100 Continue`` even for a body the route then refuses (413, 503), so the client
+    uploads it for nothing. Here a 417 is the route's error with an id, and a request the route
+    will refuse gets no ``100 Continue``: its wrapper answers at once (RFC 9110 section 10.1.1).
+    """
+    next_id = runtime.request_ids.__next__
+
+    async def expect(request: web.Request) -> web.StreamResponse | None:
+        if request.version != HttpVersion11:
+            return None
+        if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+            request_id = next_id()
+            response = refuse(417, "expectation failed: only 100-continue is supported",
+                              request_id, error_response)  # fmt: skip
+            response.headers[REQUEST_ID_HEADER] = request_id
+            return response
+        if (plugin is None or plugin.status is Status.STARTED) and (request.content_length or 0) <= limit:
+            # What aiohttp's default handler does.
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0
+        return None
+
+    return expect
 
 
 def request_ids(batch: int = 1024) -> Iterator[str]:
@@ -565,9 +653,12 @@ def wrap_handler(
                 response = too_large(limit, request_id, error_response)
             else:
                 response = await handler(request.clone(client_max_size=limit) if clone else request)
+            # In the try: a handler that returned no response (a missing return) is a logged 500,
+            # not aiohttp's text 500 with neither a request id nor a log line.
+            response.headers[REQUEST_ID_HEADER] = request_id
         except Exception as exc:  # CancelledError is a BaseException: cancellation passes through
             response = failure(exc, request, request_id, listener, limit, error_response)
-        response.headers[REQUEST_ID_HEADER] = request_id
+            response.headers[REQUEST_ID_HEADER] = request_id
         return response
 
     return wrapped

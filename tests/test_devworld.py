@@ -171,3 +171,17 @@ async def test_a_changed_config_measures_differently_and_kms_refuses_it(tmp_path
         assert err.value.response["Error"]["Code"] == "AccessDeniedException"
     finally:
         await world.stop()
+
+
+async def test_a_world_that_fails_to_start_stops_what_it_started(tmp_path: Path) -> None:
+    # Guards against leaks: a half-started world (here a debug-mode PCR0 of zeros, which the key
+    # policy refuses) left moto, the IMDS thread and the front serving, since callers only stop a
+    # world whose start() returned.
+    pki = DevPki.load_or_create(tmp_path / "pki")
+    world = DevWorld(dev_root=pki.root, pcr0=bytes(48))
+    with pytest.raises(ValueError, match="all zeros"):
+        await world.start()
+    assert world.imds is not None and world.imds._thread is None
+    assert world.front is not None and world.front._runner is None
+    assert world.moto is not None and world.moto._thread is not None
+    assert not world.moto._thread.is_alive()

@@ -249,7 +249,9 @@ async def test_strict_imdsv2_at_the_http_level(imds: DevImds) -> None:
             for path in (ROLES, REGION, "/latest/meta-data/nothing-here"):
                 async with http.get(imds.url + path, headers=headers) as resp:
                     assert resp.status == 401, (path, headers)
-        for ttl in (None, "0", "21601", "ten"):
+        # Threat: a stand-in that takes what int() takes ("+60", "1_0", "٣") hides a client bug IMDS refuses.
+        bad_ttls = (None, "", "0", "21601", "ten", "+60", "-1", "6_0", "60.0", "\u0663", "9" * 5000)
+        for ttl in bad_ttls:
             headers = {} if ttl is None else {TTL: ttl}
             async with http.put(imds.url + TOKEN, headers=headers) as resp:
                 assert resp.status == 400, ttl
@@ -275,7 +277,7 @@ async def test_strict_imdsv2_at_the_http_level(imds: DevImds) -> None:
         imds.down = True
         async with http.get(imds.url + REGION, headers=good) as resp:
             assert resp.status == 503
-    assert imds.token_requests == 6
+    assert imds.token_requests == len(bad_ttls) + 2
     assert imds.credential_requests == 2
 
 

@@ -8,12 +8,14 @@ fail when the plugin breaks one of the security rules they check.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tomllib
+import types
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +116,26 @@ def test_refuses_bad_names_with_exit_2(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_refuses_a_name_whose_module_or_distribution_is_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Threat: "sidecar_foo" shares plugin "foo"'s distribution and module; installing it uninstalls foo.
+    info = tmp_path / "sidecar_foo-0.1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: sidecar-foo\nVersion: 0.1.0\n")
+    (info / "entry_points.txt").write_text("[sidecar]\nfoo = sidecar_foo\n")
+    (tmp_path / "sidecar_bar").mkdir()
+    (tmp_path / "sidecar_bar" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ScaffoldError, match="already installed"):
+        plugin_names("foo")
+    with pytest.raises(ScaffoldError, match="distribution named 'sidecar-foo' is already installed"):
+        plugin_names("sidecar_foo")
+    with pytest.raises(ScaffoldError, match="module named 'sidecar_bar' is already importable"):
+        plugin_names("bar")
+    assert plugin_names("baz").module == "sidecar_baz"
+
+
 def test_refuses_a_non_empty_dir_and_leaves_it_alone(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -170,6 +192,24 @@ def test_generated_code_is_lint_clean(tmp_path: Path) -> None:
     for args in (["check", "."], ["format", "--check", "."]):
         done = subprocess.run([str(RUFF), *args], cwd=target, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_generated_token_check_refuses_a_non_utf8_header(tmp_path: Path) -> None:
+    # Threat: bytes that are not UTF-8 in Authorization made the generated route answer 500, not 401.
+    write_plugin("token_check", tmp_path / "gen")
+    spec = importlib.util.spec_from_file_location(
+        "generated_token_check", tmp_path / "gen" / "sidecar_token_check" / "__init__.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def request(authorization: str) -> Any:
+        return types.SimpleNamespace(headers={"Authorization": authorization})
+
+    # aiohttp decodes a header's bytes as UTF-8 with surrogateescape: b"\xff" arrives as "\udcff".
+    assert module._authorized(request("Bearer \udcff\udcfe"), "tok") is False
+    assert module._authorized(request("Bearer tok"), "tok") is True
 
 
 def test_render_substitutes_every_token() -> None:

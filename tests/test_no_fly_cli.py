@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import resource
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -269,6 +271,42 @@ def test_seal_without_a_region_says_so(aws: dict[str, Any], operator_env: Any, n
     )
 
 
+def test_seal_refuses_utf16_without_a_bom(aws: dict[str, Any], operator_env: Any, tmp_path: Path) -> None:
+    # Threat: UTF-16 decodes as "UTF-8" with a NUL per letter; sealed, the list matches no passenger.
+    names = tmp_path / "names.txt"
+    names.write_bytes("Big Bird\nElmo\n".encode("utf-16-le"))
+    result = run(*seal_args(aws, names, "--out", str(tmp_path / "e.json")))
+    assert (result.exit_code, result.stderr) == (
+        2,
+        f"error: --in {names}: line 1: a name contains the control character U+0000 "
+        "(is the file UTF-16? save it as UTF-8)\n",
+    )
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_seal_out_failure_keeps_the_old_envelope(
+    aws: dict[str, Any], operator_env: dict[str, str], names_file: Path
+) -> None:
+    # Threat: a write that fails half way (a full disk) leaves a truncated envelope over the good one.
+    out = names_file.parent / "envelope.json"
+    old = b'{"an envelope": "that works"}' * 20
+    out.write_bytes(old)
+
+    def small_files() -> None:  # runs in the child: writes past 200 bytes fail with EFBIG
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
+
+    env = {**os.environ, **operator_env, "PYTHONDONTWRITEBYTECODE": "1"}
+    seal = subprocess.run(
+        [sys.executable, "-m", "sidecar", "no-fly", *seal_args(aws, names_file, "--out", str(out))],
+        capture_output=True, text=True, timeout=60, env=env, preexec_fn=small_files,
+    )  # fmt: skip
+    assert seal.returncode != 0
+    assert seal.stderr.endswith("File too large\n")
+    assert out.read_bytes() == old
+    assert sorted(p.name for p in out.parent.iterdir()) == ["envelope.json", "names.txt"]
+
+
 # --------------------------------------------------------------------------- check-envelope
 
 
@@ -398,6 +436,12 @@ def test_console_script_seal_and_check(
 
 def test_parse_names_splits_strips_and_keeps_order() -> None:
     assert parse_names(NAMES_TEXT) == NAMES
+    # Threat: a CR-only file (Excel for Mac's CSV) sealed as one entry "alicebob": neither matches.
+    assert parse_names("Alice\rBob\rCarol\r") == ["Alice", "Bob", "Carol"]
+    assert parse_names("a\x85b\u2028c\u2029d\r\n\re") == ["a", "b", "c", "d", "e"]
+    with pytest.raises(NamesError, match=r"^line 3: a name contains the control character U\+0007 "):
+        parse_names("a\rb\nc\x07d")
+    assert parse_names("Big\tBird\x0c") == ["Big\tBird"]  # whitespace inside a name is still whitespace
     assert parse_names("a,b\r\nc\n\n d ,a\n") == ["a", "b", "c", "d", "a"]  # duplicates are the list's own
     assert parse_names("bigbird,elmo\n") == ["bigbird", "elmo"]  # the original's trailing newline
     with pytest.raises(NamesError, match=r"^line 4: a name is 257 characters"):

@@ -14,6 +14,7 @@ from sidecar import Listener, PluginContext, PluginStartupError, Route, ServiceN
 from sidecar.config import ConfigError
 from sidecar.plugins import PluginError, build_plugin_manager, hooks_of
 from sidecar.schema import Int, Map, Str
+from sidecar.server import Status
 from sidecar.testing import PluginStartupFailed
 from tests.conftest import install_plugin_dist
 
@@ -99,6 +100,31 @@ def test_hook_with_unknown_argument_is_refused() -> None:
     assert "listner" in str(err.value)
 
 
+def test_an_async_hook_the_sidecar_does_not_await_is_refused() -> None:
+    # Guards: an async readiness hook made /enclave/ready a 500 (a coroutine is no JSON), an async
+    # register_routes a TypeError naming no plugin; neither hook ever ran.
+    class AsyncReadiness:
+        @hookimpl
+        async def readiness(self) -> None:
+            return None
+
+    with pytest.raises(PluginError, match="hook 'readiness' must be a plain function, not async def") as err:
+        build_plugin_manager(["eager"], {"eager": AsyncReadiness()})
+    assert err.value.plugin == "eager"
+
+
+async def test_register_routes_returning_one_route_names_the_plugin(sidecar_factory: Any) -> None:
+    # Guards: a Route returned bare, not in a list, failed start-up with "'Route' object is not iterable".
+    class Bare:
+        @hookimpl
+        def register_routes(self) -> Route:
+            return Route("GET", "/bare", ok)
+
+    with pytest.raises(PluginError, match="returned a Route, expected a list of Routes") as err:
+        await sidecar_factory(plugins={"bare": Bare()})
+    assert err.value.plugin == "bare"
+
+
 # --------------------------------------------------------------------------- config schemas
 
 
@@ -157,6 +183,22 @@ async def test_wildcard_method_conflicts_with_any_method(sidecar_factory: Any) -
         await sidecar_factory(
             plugins={"first": RoutePlugin("/same", "POST"), "second": RoutePlugin("/same", "*")}
         )
+
+
+@pytest.mark.parametrize("second", ["/item/{name}", "/item/{id:[^{}/]+}"])
+async def test_one_pattern_under_two_variable_names_is_one_route(sidecar_factory: Any, second: str) -> None:
+    # Threat: aiohttp sends every request to the first of two equal patterns; the second plugin's
+    # route was silently never reached (found by review).
+    with pytest.raises(PluginError, match=r"is claimed by plugin 'first' too") as err:
+        await sidecar_factory(plugins={"first": RoutePlugin("/item/{id}"), "second": RoutePlugin(second)})
+    assert err.value.plugin == "second"
+
+
+async def test_a_route_path_aiohttp_refuses_names_the_plugin(sidecar_factory: Any) -> None:
+    # Guards: a malformed pattern failed start-up with aiohttp's bare ValueError, no plugin named.
+    with pytest.raises(PluginError, match=r"route path '/x/\{1bad\}' is not a valid route pattern") as err:
+        await sidecar_factory(plugins={"typo": RoutePlugin("/x/{1bad}")})
+    assert err.value.plugin == "typo"
 
 
 async def test_same_path_different_listeners_is_fine(sidecar_factory: Any) -> None:
@@ -328,6 +370,27 @@ async def test_later_plugins_still_clean_up_after_an_earlier_failure(tmp_path: P
         with pytest.raises(PluginStartupFailed):
             await sc.wait_started()
     assert good.events == ["start good", "stop good"]
+
+
+async def test_a_clean_up_leaking_cancelled_error_does_not_abort_the_shutdown(tmp_path: Path) -> None:
+    # Threat: a clean-up awaiting a task it had just cancelled raised CancelledError out of stop():
+    # earlier plugins (the core ones too) never cleaned up, and SIGTERM no longer exited 0.
+    from sidecar.testing import run_sidecar
+
+    class Sloppy:
+        @hookimpl
+        async def lifespan(self) -> AsyncIterator[None]:
+            worker = asyncio.ensure_future(asyncio.sleep(3600))
+            yield
+            worker.cancel()
+            await worker
+
+    good = Slow()
+    good.release.set()
+    async with run_sidecar(state_dir=tmp_path, plugins={"good": good, "sloppy": Sloppy()}) as sc:
+        await sc.wait_started()
+    assert good.events == ["start good", "stop good"]
+    assert {s.status for s in sc.runtime.plugins.values() if s.name != "attestation"} == {Status.STOPPED}
 
 
 async def test_readiness_hook_reason_is_reported(sidecar_factory: Any) -> None:

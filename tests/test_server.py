@@ -6,13 +6,17 @@ import asyncio
 import io
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 
 from sidecar import Route, hookimpl
+from sidecar.config import ConfigError, parse_manifest, parse_settings
 from sidecar.logs import JsonFormatter, event
+from sidecar.server import build_runtime
+from sidecar.testing import minimal_manifest
 
 
 async def echo_length(request: web.Request) -> web.Response:
@@ -131,6 +135,29 @@ async def test_unexpected_exception_is_500_without_detail(sc: Any, caplog: pytes
     assert record.exc_info is not None
 
 
+async def test_a_handler_returning_no_response_is_a_logged_500_with_request_id(
+    sidecar_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Guards: a handler's missing return was aiohttp's text 500, without a request id or a log line.
+    async def forgot(request: web.Request) -> web.Response:
+        web.Response(text="never returned")
+        return None  # type: ignore[return-value]
+
+    class Forgetful:
+        @hookimpl
+        def register_routes(self) -> list[Route]:
+            return [Route("GET", "/forgot", forgot)]
+
+    harness = await sidecar_factory(plugins={"forgetful": Forgetful()})
+    await harness.wait_started()
+    with caplog.at_level(logging.ERROR, logger="sidecar.server"):
+        async with harness.session.get(harness.url("/forgot")) as resp:
+            assert resp.status == 500
+            assert (await resp.json())["request_id"] == resp.headers["X-Request-Id"]
+    logged = [r for r in caplog.records if r.getMessage() == "unhandled_error"]
+    assert logged[0].sidecar_fields["request_id"] == resp.headers["X-Request-Id"]  # type: ignore[attr-defined]
+
+
 async def test_plugin_error_bodies_pass_through(sc: Any) -> None:
     async with sc.session.get(sc.url("/conflict")) as resp:
         assert resp.status == 409
@@ -217,6 +244,58 @@ async def test_malformed_http_gets_400_not_a_crash(sc: Any) -> None:
     assert b"Invalid method" in reply
     async with sc.session.get(sc.url("/enclave/health")) as resp:
         assert resp.status == 200  # the server is still fine
+
+
+async def raw_exchange(sc: Any, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", sc.runtime.bound_port(8001))
+    writer.write(request)
+    reply = await asyncio.wait_for(reader.read(4096), 5)
+    writer.close()
+    return reply
+
+
+async def test_unknown_expectation_is_a_json_417_with_request_id(sc: Any) -> None:
+    # Guards: aiohttp answered an unknown Expect itself, in text echoing it, without a request id.
+    for path in ("/echo", "/enclave/health", "/missing"):
+        reply = await raw_exchange(
+            sc, f"POST {path} HTTP/1.1\r\nHost: x\r\nExpect: bogus\r\nContent-Length: 2\r\n\r\nab".encode()
+        )
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 417 ") and b"X-Request-Id: " in head
+        assert json.loads(body)["error"] == "expectation failed: only 100-continue is supported"
+
+
+async def test_expect_continue_is_not_sent_for_a_body_the_route_refuses(sc: Any) -> None:
+    # Threat: "100 Continue" then a 413 made the client upload a body too large to be read at all.
+    reply = await raw_exchange(
+        sc, b"POST /echo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 999999\r\n\r\n"
+    )
+    assert reply.startswith(b"HTTP/1.1 413 ") and b"X-Request-Id: " in reply
+    async with sc.session.post(sc.url("/echo"), data=b"x" * 100, expect100=True) as resp:
+        assert (resp.status, await resp.text()) == (200, "100")  # a body within the limit still goes
+
+
+async def test_a_target_that_is_not_a_path_is_a_json_404_with_request_id(sc: Any) -> None:
+    # Guards: "OPTIONS *" matched no "/..." pattern, and aiohttp answered a text 404 without an id.
+    reply = await raw_exchange(sc, b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404 ") and b"X-Request-Id: " in head
+    assert json.loads(body)["error"] == "not found"
+    assert access_lines(sc)[-1]["path"] == "/{tail}"
+
+
+async def test_a_start_that_fails_closes_what_it_opened(tmp_path: Path) -> None:
+    # Threat: a TLS key pair that did not load left the listeners opened before it serving, and
+    # the plugins started, after start() raised (run_sidecar only stops a started sidecar).
+    manifest = minimal_manifest()
+    manifest["ingress"][0]["tls"] = {"cert_file": "missing.pem", "key_file": "missing.key"}
+    parsed = parse_manifest(manifest, tmp_path / "enclaver.yaml")
+    settings = parse_settings({"state_dir": str(tmp_path)}, tmp_path / "sidecar.yaml", parsed)
+    runtime = build_runtime(parsed, settings, bind_ports={8001: 0, 9000: 0})
+    with pytest.raises(ConfigError, match="cannot load key pair"):
+        await runtime.start()
+    assert runtime.runners == {}  # the api listener, opened first, is closed again
+    assert runtime.access_sink._task is None  # and the primary's lifespan ran its clean-up
 
 
 def test_json_formatter_one_line_with_fields_and_exception() -> None:

@@ -14,7 +14,11 @@ Neither command ever prints a name or the data key. Exit codes follow the rest o
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
+import tempfile
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +38,24 @@ from plugins.no_fly_list.normalize import MAX_NAME_CHARS, normalize
 from sidecar import hookimpl
 from sidecar.files import FileProblem, read_regular_file
 
-__all__ = ["NamesError", "Sealed", "parse_names", "parse_s3_url", "register_commands", "seal_names", "upload"]
+__all__ = [
+    "NamesError",
+    "Sealed",
+    "parse_names",
+    "parse_s3_url",
+    "register_commands",
+    "seal_names",
+    "upload",
+    "write_atomically",
+]
 
 # A names file this large could not fit the envelope limit once base64-encoded; refuse before reading.
 MAX_INPUT_BYTES: Final = MAX_ENVELOPE_BYTES * 3 // 4 - 4096
 EXIT_FAILED: Final = 1
 EXIT_USAGE: Final = 2
+# Every line break an editor or export may write: CRLF, a lone CR (Excel for Mac's CSV), NEL, U+2028/9.
+# Splitting on "\n" alone left "Alice\rBob" one entry, which the enclave reads as "alicebob".
+_LINE_BREAK: Final = re.compile("\r\n|[\r\n\x85\u2028\u2029]")
 
 
 class NamesError(ValueError):
@@ -56,11 +72,13 @@ class Sealed:
 def parse_names(text: str) -> list[str]:
     """Names from comma- or newline-separated text: stripped, empty entries skipped, order kept.
 
-    Raises :class:`NamesError` for a name over ``MAX_NAME_CHARS`` characters, a name that normalises
-    to nothing (it could never match a passenger, and would only hide a mistake), or no names at all.
+    Lines end at LF, CRLF, a lone CR, NEL, U+2028 or U+2029. Raises :class:`NamesError` for a name
+    over ``MAX_NAME_CHARS`` characters, a name with a control character (a NUL from UTF-16, say), a
+    name that normalises to nothing (it could never match a passenger, and would only hide a
+    mistake), or no names at all.
     """
     names: list[str] = []
-    for number, line in enumerate(text.split("\n"), start=1):
+    for number, line in enumerate(_LINE_BREAK.split(text), start=1):
         for raw in line.split(","):
             name = raw.strip()
             if not name:
@@ -68,6 +86,14 @@ def parse_names(text: str) -> list[str]:
             if len(name) > MAX_NAME_CHARS:
                 raise NamesError(
                     f"line {number}: a name is {len(name)} characters, over the limit of {MAX_NAME_CHARS}"
+                )
+            control = next((c for c in name if unicodedata.category(c) == "Cc" and not c.isspace()), None)
+            if control is not None:
+                # Threat: a UTF-16 file without a BOM decodes as UTF-8 with a NUL in every name; the
+                # enclave keeps NULs, so no passenger could ever match and the list would screen nobody.
+                raise NamesError(
+                    f"line {number}: a name contains the control character U+{ord(control):04X} "
+                    "(is the file UTF-16? save it as UTF-8)"
                 )
             if not normalize(name):
                 raise NamesError(f"line {number}: a name has no visible characters")
@@ -110,6 +136,27 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     if not bucket or not key:
         raise ValueError(f"{url!r} needs both a bucket and a key: s3://bucket/key")
     return bucket, key
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all: readers see the old file or the new one.
+
+    A failed plain write (a full disk) would leave a truncated envelope where a good one was.
+    """
+    target = Path(os.path.realpath(path))  # through a symbolic link: replace the file it names
+    if target.exists() and not target.is_file():  # /dev/stdout, a FIFO: nothing to replace
+        target.write_bytes(data)
+        return
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def upload(s3: Any, url: str, envelope: bytes) -> str:
@@ -255,7 +302,7 @@ def seal(
         return
     if out_path is not None:
         try:
-            Path(out_path).write_bytes(sealed.envelope)
+            write_atomically(Path(out_path), sealed.envelope)
         except OSError as exc:
             _fail(f"--out {out_path}: {exc.strerror or exc}")
         report(f"wrote {out_path}")

@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import tempfile
 from collections.abc import Iterator
 from importlib import resources
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
-from plugins.no_fly_list.cli import parse_names, seal_names, upload
+from plugins.no_fly_list.cli import parse_names, seal_names, upload, write_atomically
 from plugins.no_fly_list.source import parse_location
 from sidecar import hookimpl
 from sidecar.logs import event
@@ -85,7 +82,8 @@ def _prepare(world: DevWorld, context: PluginContext) -> None:
         kms = world.admin("kms")
         _ensure_key(world, kms, key_id)
         sealed = seal_names(kms, key_id, demo_names())
-        _write_atomically(where.path, sealed.envelope)
+        where.path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(where.path, sealed.envelope)
     event(
         context.log,
         logging.INFO,
@@ -119,15 +117,3 @@ def _ensure_key(world: DevWorld, kms: Any, key_id: str) -> None:
             f"key_id {key_id!r} does not exist in the dev world; use an alias/NAME so it can be created"
         )
     world.create_key(world.pcr0.hex(), key_id)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

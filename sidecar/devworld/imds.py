@@ -25,6 +25,7 @@ import concurrent.futures
 import datetime
 import json
 import math
+import re
 import secrets
 import string
 import threading
@@ -42,6 +43,7 @@ TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
 MAX_TOKEN_TTL = 21600
 MIN_CREDENTIAL_LIFETIME = 3.0  # whole-second timestamps: shorter lifetimes would round to nothing
 _KEY_ALPHABET = string.ascii_uppercase + string.digits
+_DIGITS = re.compile(r"[0-9]{1,9}")  # longer is out of range anyway; int() of 5000 digits is slow
 
 
 @dataclass(frozen=True)
@@ -175,10 +177,11 @@ class DevImds:
     async def _token(self, request: web.Request) -> web.StreamResponse:
         if "X-Forwarded-For" in request.headers:
             return _text(403, "Forbidden")
-        try:
-            ttl = int(request.headers.get(TTL_HEADER, ""))
-        except ValueError:
+        value = request.headers.get(TTL_HEADER, "")
+        # ASCII digits only: int() would also take "+60", "1_0" and other scripts' digits ("٣").
+        if not _DIGITS.fullmatch(value):
             return _text(400, "Bad Request")
+        ttl = int(value)
         if not 1 <= ttl <= MAX_TOKEN_TTL:
             return _text(400, "Bad Request")
         ttl = min(ttl, self.token_max_ttl)

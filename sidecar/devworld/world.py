@@ -51,16 +51,22 @@ class DevWorld:
 
     async def start(self) -> None:
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's per-request lines
-        self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        self.moto.start()
-        host, port = self.moto.get_host_and_port()
-        self.moto_url = f"http://{host}:{port}"
-        self.imds = DevImds(region=self.region, credential_lifetime=self.credential_lifetime)
-        self.imds_url = await self.imds.start()
-        self.front = AttestingKmsFront(self.moto_url, self.dev_root)
-        self.kms_url = await self.front.start()
-        self.key_id = self.create_key(self.pcr0.hex(), KEY_ALIAS)
-        self.admin("s3").create_bucket(Bucket=BUCKET)
+        try:
+            self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+            self.moto.start()
+            host, port = self.moto.get_host_and_port()
+            self.moto_url = f"http://{host}:{port}"
+            self.imds = DevImds(region=self.region, credential_lifetime=self.credential_lifetime)
+            self.imds_url = await self.imds.start()
+            self.front = AttestingKmsFront(self.moto_url, self.dev_root)
+            self.kms_url = await self.front.start()
+            self.key_id = self.create_key(self.pcr0.hex(), KEY_ALIAS)
+            self.admin("s3").create_bucket(Bucket=BUCKET)
+        except BaseException:
+            # A half-started world (a debug-mode PCR0 of zeros refused by the key policy, say) would
+            # leave moto, the IMDS thread and the front serving: callers only stop a started world.
+            await self.stop()
+            raise
         event(
             log,
             logging.INFO,
