@@ -1,4 +1,5 @@
-"""Reading a file a user names, safely: a regular file only, bounded, never blocking.
+"""Reading a file a user names, safely (a regular file only, bounded, never blocking), and
+replacing one atomically.
 
 ``Path.read_bytes()`` on ``/dev/zero`` never ends, and on a FIFO it blocks until a writer comes;
 ``stat().st_size`` is 0 for both, so a size check before reading does not help. Every file an
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
+from pathlib import Path
 
 
 class FileProblem(ValueError):
@@ -49,3 +52,22 @@ def read_regular_file(path: str | os.PathLike[str], limit: int) -> bytes:
     if size > limit:
         raise FileProblem(f"larger than {limit} bytes")
     return b"".join(chunks)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` whole or not at all: readers see the old file or the new one.
+
+    The data goes to a temporary file in the same directory (mode 0600 from the start: mkstemp's),
+    is flushed to disk, then renamed over ``path``. A plain write that fails (a full disk) would
+    leave a truncated file where a good one was.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from plugins.no_fly_list.envelope import (
     seal_fernet_envelope,
 )
 from plugins.no_fly_list.normalize import MAX_NAME_CHARS, normalize
-from sidecar import hookimpl
+from sidecar import files, hookimpl
 from sidecar.files import FileProblem, read_regular_file
 
 __all__ = [
@@ -139,24 +138,12 @@ def parse_s3_url(url: str) -> tuple[str, str]:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` whole or not at all: readers see the old file or the new one.
-
-    A failed plain write (a full disk) would leave a truncated envelope where a good one was.
-    """
+    """Write ``data`` to ``path`` whole or not at all: readers see the old envelope or the new one."""
     target = Path(os.path.realpath(path))  # through a symbolic link: replace the file it names
     if target.exists() and not target.is_file():  # /dev/stdout, a FIFO: nothing to replace
         target.write_bytes(data)
         return
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    files.write_atomically(target, data)
 
 
 def upload(s3: Any, url: str, envelope: bytes) -> str:

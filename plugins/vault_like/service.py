@@ -20,9 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import secrets
-import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from plugins.vault_like.logical import VaultError
 from plugins.vault_like.sys_backend import CLUSTER_KEY, MountTable, SysBackend
 from sidecar import __version__
 from sidecar.context import PluginContext, ServiceNotConfigured
+from sidecar.files import write_atomically
 from sidecar.logs import event
 from sidecar.routes import Listener, Route
 
@@ -387,14 +386,4 @@ class VaultService:
 def write_private(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically, mode 0600 from the start (never readable by others)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, text.encode("utf-8"))
