@@ -59,7 +59,7 @@ def lifespan(context: PluginContext) -> AsyncIterator[None] | None:
 
     When: the code before ``yield`` runs once the listeners are open (readiness is false until it
     finishes); the code after ``yield`` runs at shutdown, in reverse plugin order, even when
-    another plugin failed. Per plugin.
+    another plugin failed, within ``shutdown_timeout`` seconds (then it is cancelled). Per plugin.
     Receives: the plugin's context.
     Returns: an async generator that yields exactly once. An exception before the yield fails the
     plugin's start-up, and the error names the plugin.

@@ -279,23 +279,30 @@ class Runtime:
             self._startup_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._startup_task
+        # A clean-up that hangs (a peer that never answers) must not keep the process from exiting:
+        # each plugin gets shutdown_timeout seconds (at least one), then the next one runs.
+        limit = max(1, self.settings.shutdown_timeout)
         for name, state in reversed(self.plugins.items()):
             gen, state.generator = state.generator, None
             if gen is None:
                 continue
             try:
-                if state.status is Status.STARTED:
-                    await anext(gen)
-                    event(
-                        log,
-                        logging.ERROR,
-                        "plugin_cleanup_failed",
-                        plugin=name,
-                        error="lifespan yielded twice",
-                    )
-                await gen.aclose()  # type: ignore[attr-defined]
+                async with asyncio.timeout(limit):
+                    if state.status is Status.STARTED:
+                        await anext(gen)
+                        event(
+                            log,
+                            logging.ERROR,
+                            "plugin_cleanup_failed",
+                            plugin=name,
+                            error="lifespan yielded twice",
+                        )
+                    await gen.aclose()  # type: ignore[attr-defined]
             except StopAsyncIteration:
                 event(log, logging.INFO, "plugin_stopped", plugin=name)
+            except TimeoutError:
+                error = f"clean-up did not finish within {limit} s (shutdown_timeout); abandoned"
+                event(log, logging.ERROR, "plugin_cleanup_failed", plugin=name, error=error)
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():

@@ -438,3 +438,31 @@ def test_plugin_state_is_made_once_and_kept_per_plugin(tmp_path: Path) -> None:
     assert other.state(factory) == {"owner": "b"}
     assert other.state(factory) is not first.state(factory)
     assert made == ["a", "b"]
+
+
+async def test_a_clean_up_that_hangs_is_abandoned_after_shutdown_timeout(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Threat: a clean-up waiting on a peer that never answers keeps SIGTERM from ever exiting, and
+    # the plugins before it never clean up.
+    from sidecar.testing import run_sidecar
+
+    class Stuck:
+        @hookimpl
+        async def lifespan(self) -> AsyncIterator[None]:
+            yield
+            await asyncio.Event().wait()  # never set
+
+    good = Slow()
+    good.release.set()
+    started = asyncio.get_running_loop().time()
+    async with run_sidecar(
+        state_dir=tmp_path, plugins={"good": good, "stuck": Stuck()}, settings={"shutdown_timeout": 1}
+    ) as sc:
+        await sc.wait_started()
+    assert asyncio.get_running_loop().time() - started < 10
+    assert good.events == ["start good", "stop good"]
+    assert sc.runtime.plugins["stuck"].status is Status.STOPPED
+    failed = [r for r in caplog.records if r.getMessage() == "plugin_cleanup_failed"]
+    assert len(failed) == 1
+    assert "did not finish within 1 s" in str(getattr(failed[0], "sidecar_fields", {}))
