@@ -78,18 +78,25 @@ def get(url: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-def wait_for(url: str, status: int, proc: subprocess.Popen[str], within: float = 20.0) -> str:
+def wait_for(
+    url: str, status: int, proc: subprocess.Popen[str], within: float = 20.0, until: str | None = None
+) -> str:
+    """The body of the first answer with ``status`` (and, with ``until``, containing that text)."""
     deadline = time.monotonic() + within
+    last = ""
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"sidecar exited early with {proc.returncode}"
         try:
             code, body = get(url)
-            if code == status:
+            if code == status and (until is None or until in body):
                 return body
+            last = body
         except OSError:
             pass
         time.sleep(0.1)
-    raise AssertionError(f"{url} never answered {status}")
+    raise AssertionError(
+        f"{url} never answered {status}" + (f" with {until!r}; last: {last}" if until else "")
+    )
 
 
 def run_to_exit(manifest: Path, config: Path, site: Path) -> subprocess.CompletedProcess[str]:
@@ -213,7 +220,8 @@ def test_unready_mode_keeps_serving_with_readiness_false(tmp_path: Path, run_sid
         tmp_path, {"greeter": {"config": {"ready": False}}}, startup={"on_failure": "unready"}
     )
     proc = run_sidecar_process(manifest, config)
-    body = wait_for(f"http://127.0.0.1:{port}/enclave/ready", 503, proc)
+    # /enclave/ready is 503 from the first moment (plugins "pending"): wait for the start-up's result.
+    body = wait_for(f"http://127.0.0.1:{port}/enclave/ready", 503, proc, until="told to stay unready")
     assert json.loads(body) == {"ready": False, "plugins": {"greeter": "greeter told to stay unready"}}
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=30)
