@@ -231,8 +231,8 @@ def access_logger_class(
                 try:
                     route = request.match_info.route  # type: ignore[attr-defined]
                 except (AttributeError, AssertionError):  # a request aiohttp rejected before routing
-                    route = None
-                if route is not None:
+                    pass
+                else:
                     path = patterns.get(route) or (path if public is None or route in public else UNROUTED)
             append(
                 (

@@ -127,26 +127,25 @@ def _register(pm: pluggy.PluginManager, name: str, obj: object) -> None:
         raise PluginError(name, f"invalid hook implementation: {exc}") from exc
     except ValueError as exc:
         raise PluginError(name, str(exc)) from exc
-    # A misspelled hook name would otherwise be silently ignored.
     known = [spec for spec in dir(hookspecs) if not spec.startswith("_")]
-    for hook_name, caller in vars(pm.hook).items():
-        if hook_name.startswith("_") or caller.has_spec():
-            continue
-        for impl in caller.get_hookimpls():
-            if impl.plugin_name == name and not impl.optionalhook:
-                pm.unregister(name=name)
-                raise PluginError(name, f"unknown hook {hook_name!r}" + suggest(hook_name, known))
-    # The sidecar calls every hook but lifespan without awaiting it: an ``async def`` one would
-    # hand back a coroutine that never runs (routes not iterable, a readiness report that fails).
     for caller in pm.get_hookcallers(pm.get_plugin(name)) or []:
         for impl in caller.get_hookimpls():
-            if (
-                impl.plugin_name == name
-                and caller.name != "lifespan"
-                and inspect.iscoroutinefunction(impl.function)
-            ):
-                pm.unregister(name=name)
-                raise PluginError(name, f"hook {caller.name!r} must be a plain function, not async def")
+            if impl.plugin_name != name:
+                continue
+            if not caller.has_spec():
+                if impl.optionalhook:
+                    continue
+                # A misspelled hook name would otherwise be silently ignored.
+                problem = f"unknown hook {caller.name!r}" + suggest(caller.name, known)
+            elif caller.name != "lifespan" and inspect.iscoroutinefunction(impl.function):
+                # The sidecar calls every hook but lifespan without awaiting it: an ``async def``
+                # one would hand back a coroutine that never runs (routes not iterable, a readiness
+                # report that fails).
+                problem = f"hook {caller.name!r} must be a plain function, not async def"
+            else:
+                continue
+            pm.unregister(name=name)
+            raise PluginError(name, problem)
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:  # pragma: no cover - caught above, kept as a backstop

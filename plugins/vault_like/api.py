@@ -113,16 +113,16 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# Python's default limit for str-to-int conversion (sys.int_info.default_max_str_digits).
+MAX_INT_DIGITS = 4300
+
+
 def _bounded_int(text: str) -> int:
     """A JSON integer; one of more digits than Python converts (4300) is refused with our own words
     (the interpreter's message names its settings)."""
     if len(text) > MAX_INT_DIGITS:
         raise ValueError(f"number {text[:40]}... is out of range ({len(text)} digits)")
     return int(text)
-
-
-# Python's default limit for str-to-int conversion (sys.int_info.default_max_str_digits).
-MAX_INT_DIGITS = 4300
 
 
 def _finite_float(text: str) -> float:
