@@ -32,6 +32,7 @@ from sidecar.config import (
     load_settings,
     redacted_settings,
 )
+from sidecar.hotpath import UnsupportedAiohttp
 from sidecar.logs import configure
 from sidecar.plugins import PluginError, build_plugin_manager, hooks_of
 from sidecar.schema import redact
@@ -463,6 +464,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(1) from None
     except (ConfigError, PluginError) as exc:
         fail(str(exc))
+    except UnsupportedAiohttp as exc:
+        fail(str(exc), code=1)
     except KeyboardInterrupt:
         raise SystemExit(130) from None
     raise SystemExit(result if isinstance(result, int) else 0)

@@ -26,11 +26,13 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 from aiohttp import HttpVersion11, hdrs, web
+from aiohttp.streams import EmptyStreamReader
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config import ConfigError, Manifest, Settings
 from sidecar.context import PluginContext, Services
+from sidecar.hotpath import check_aiohttp
 from sidecar.logs import REQUEST_ID_HEADER, AccessLogSink, access_logger_class, event
 from sidecar.parsers import PythonParserAppRunner, needs_python_parser
 from sidecar.plugins import CORE_PLUGINS, PluginError, PluginInfo, call_plugin
@@ -330,6 +332,7 @@ class Runtime:
 
     async def start(self) -> None:
         """Open every listener, then start the plugins in the background."""
+        check_aiohttp()  # before anything listens: every request reads what it checks
         primary = self.listeners[0]
         try:
             # Secondary listeners first, so the primary's cleanup_ctx (plugin start-up) runs last.
@@ -641,7 +644,9 @@ def wrap_handler(
     """One route's handler with request id, body limit, readiness gate and error boundary.
 
     This runs on every request, so it does only what each request needs (bench/RESULTS.md): the
-    declared length is read only when the request has a body, and the header name is an ``istr``.
+    declared length is read only when the request has a body, the header name is an ``istr``, and
+    the request's state, ``body_exists`` and ``headers`` are the fields behind them
+    (:mod:`sidecar.hotpath`).
     The errors it answers itself are shaped by the route's ``error_response`` (see :class:`Route`).
     """
     next_id = runtime.request_ids.__next__
@@ -650,19 +655,19 @@ def wrap_handler(
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
         request_id = next_id()
-        request[REQUEST_ID] = request_id
+        request._state[REQUEST_ID] = request_id
         response: web.StreamResponse
         try:
             if plugin is not None and plugin.status is not started:
                 message = f"plugin {plugin.name!r} is not ready"
                 response = refuse(503, message, request_id, error_response, state=plugin.status.value)
-            elif request.body_exists and (request.content_length or 0) > limit:
+            elif type(request._payload) is not EmptyStreamReader and (request.content_length or 0) > limit:
                 response = too_large(limit, request_id, error_response)
             else:
                 response = await handler(request.clone(client_max_size=limit) if clone else request)
             # In the try: a handler that returned no response (a missing return) is a logged 500,
             # not aiohttp's text 500 with neither a request id nor a log line.
-            response.headers[REQUEST_ID_HEADER] = request_id
+            response._headers[REQUEST_ID_HEADER] = request_id
         except Exception as exc:  # CancelledError is a BaseException: cancellation passes through
             response = failure(exc, request, request_id, listener, limit, error_response)
             response.headers[REQUEST_ID_HEADER] = request_id
@@ -686,13 +691,13 @@ def wrap_core(runtime: Runtime, listener: Listener, handler: CoreHandler, limit:
         request_id = next_id()
         response: web.StreamResponse
         try:
-            if request.body_exists and (request.content_length or 0) > limit:
+            if type(request._payload) is not EmptyStreamReader and (request.content_length or 0) > limit:
                 response = too_large(limit, request_id)
             else:
                 response = handler(request)
         except Exception as exc:
             response = failure(exc, request, request_id, listener, limit)
-        response.headers[REQUEST_ID_HEADER] = request_id
+        response._headers[REQUEST_ID_HEADER] = request_id
         return response
 
     return wrapped

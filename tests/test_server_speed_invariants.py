@@ -21,6 +21,7 @@ import pytest
 from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from yarl import URL
 
 from sidecar import Route, hookimpl
 from sidecar.context import PluginContext
@@ -57,6 +58,7 @@ class Gate:
             Route("GET", "/explode", explode),
             Route("POST", "/read", read_body),
             Route("GET", "/passenger/{name}", whoami, sensitive=True),
+            Route("GET", "/files/{name}", whoami),
         ]
 
     @hookimpl
@@ -146,6 +148,31 @@ async def test_sensitive_route_logs_its_pattern_only(sc: Any) -> None:
     assert not any(n in raw for n in ("Big", "Bird", "Oscar", "Elmo", "q="))
     assert [line["path"] for line in lines] == ["/passenger/{name}"] * 3
     assert [line["method"] for line in lines] == ["GET", "GET", "HEAD"]
+
+
+async def test_public_path_is_logged_as_routed_with_encoded_slashes_kept(sc: Any) -> None:
+    # An encoded slash is data, not a path separator: decoding it in the log would make a request
+    # for the file "a/b" look like a request for the directory "a".
+    sc.gate.release.set()
+    await sc.wait_started()
+    async with sc.session.get(URL(sc.url("/files/a%2Fb%20c%25"), encoded=True)) as resp:
+        assert resp.status == 200
+    assert [line["path"] for line in access_lines(sc)] == ["/files/a%2Fb c%25"]
+
+
+async def test_access_line_fields_are_what_was_sent(sc: Any) -> None:
+    # The logger reads the fields behind aiohttp's properties (sidecar.hotpath): the line must still
+    # say what went over the wire, byte for byte.
+    reader, writer = await asyncio.open_connection("127.0.0.1", sc.runtime.bound_port(8001))
+    writer.write(b"GET /enclave/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    sent = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    await asyncio.sleep(0.05)
+    (line,) = access_lines(sc)
+    rid = re.search(rb"X-Request-Id: ([0-9a-f]{16})\r\n", sent)
+    assert rid is not None and sent.startswith(b"HTTP/1.1 200 ")
+    assert (line["method"], line["status"], line["request_id"]) == ("GET", 200, rid.group(1).decode())
+    assert sent.endswith(b'{"status":"ok"}') and line["bytes_sent"] == len(sent)
 
 
 async def test_malformed_request_is_logged_without_an_id(sc: Any) -> None:

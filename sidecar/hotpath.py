@@ -1,0 +1,67 @@
+"""The aiohttp fields the sidecar's per-request code reads directly, checked once at start-up.
+
+On Python 3.11 every property read re-enters the interpreter (~1,300 instructions), where reading
+the field behind it costs a few dozen. The route wrappers and the access log would read up to
+eight properties a request: together ~3% of the health route's throughput (bench/RESULTS.md).
+So they read the fields instead: ``BaseRequest._method``, ``._payload`` (for ``body_exists``) and
+``._state`` (``request[key] = ...``), ``Request._match_info`` and its ``_route``, and
+``StreamResponse._status``, ``._body_length`` and ``._headers``.
+
+They are private. :func:`check_aiohttp` checks on a real request and response that each still
+holds what its property returns, and the sidecar refuses to start, naming the field, on an aiohttp
+where one does not, instead of answering every request with a 500. tests/test_hotpath.py runs the
+same check against the installed aiohttp.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import aiohttp
+from aiohttp import web
+from aiohttp.streams import EMPTY_PAYLOAD, EmptyStreamReader
+from aiohttp.test_utils import make_mocked_request  # aiohttp's own way to build a request
+
+PROBE_STATUS: Final = 299
+PROBE_KEY: Final = web.RequestKey("hotpath_probe", str)
+
+
+class UnsupportedAiohttp(Exception):
+    """The installed aiohttp keeps a field the per-request code reads somewhere else."""
+
+
+def aiohttp_disagreements() -> list[str]:
+    """The private fields that no longer hold what their public property returns (none: fine)."""
+    problems: set[str] = set()
+
+    def agree(field: str, read: object, public: object) -> None:
+        if read != public:
+            problems.add(field)
+
+    response = web.Response(status=PROBE_STATUS, body=b"probe", headers={"X-Probe": "1"})
+    agree("StreamResponse._status", getattr(response, "_status", None), response.status)
+    agree("StreamResponse._body_length", getattr(response, "_body_length", None), response.body_length)
+    agree("StreamResponse._headers", getattr(response, "_headers", None) is response.headers, True)
+    a_body: Any = object()  # any payload but aiohttp's empty one means the request has a body
+    for payload in (EMPTY_PAYLOAD, a_body):
+        request = make_mocked_request("PATCH", "/probe", payload=payload)
+        agree("BaseRequest._method", getattr(request, "_method", None), request.method)
+        has_body = type(getattr(request, "_payload", None)) is not EmptyStreamReader
+        agree("BaseRequest._payload", has_body, request.body_exists)
+    request = make_mocked_request("GET", "/probe")  # routed, to a stand-in route
+    agree("Request._match_info", getattr(request, "_match_info", None) is request.match_info, True)
+    route = request.match_info.route
+    agree("UrlMappingMatchInfo._route", getattr(request.match_info, "_route", None) is route, True)
+    request[PROBE_KEY] = "probe"
+    agree("BaseRequest._state", getattr(request, "_state", {}).get(PROBE_KEY), request.get(PROBE_KEY))
+    return sorted(problems)
+
+
+def check_aiohttp() -> None:
+    """Raise :class:`UnsupportedAiohttp` unless every field the hot path reads agrees."""
+    problems = aiohttp_disagreements()
+    if problems:
+        raise UnsupportedAiohttp(
+            f"aiohttp {aiohttp.__version__} does not keep {', '.join(problems)} as the sidecar expects "
+            "(it reads them on every request); install an aiohttp whose fields agree (3.14 does)"
+        )
