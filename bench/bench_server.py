@@ -28,6 +28,12 @@ What it measures
     per-round ratios (the servers of one round ran seconds apart). The target is sidecar/bare >= 0.9
     in requests/s; the same ratio of CPU time per request is reported next to it.
 
+    ``--against REV`` adds a fifth server, ``sidecar@REV``: the sidecar (access log on) from git
+    revision REV of this repository (its ``sidecar`` and ``plugins`` extracted with ``git archive``
+    and put first on PYTHONPATH), so a change is measured against its parent side by side, in the
+    same rounds, instead of against a number from another day's VM. It works with
+    ``--instructions`` too.
+
     ``--instructions N`` measures something else, and deterministically: each server runs under
     valgrind's callgrind, and after a warm-up the user-space instructions of exactly N requests
     (8 keep-alive connections, requests back to back) are counted. Repeatable to about 0.5%, so it
@@ -39,6 +45,7 @@ How to run
     .venv/bin/python bench/bench_server.py --rounds 12 --duration 4
     .venv/bin/python bench/bench_server.py --tool hey       # force hey instead of wrk
     .venv/bin/python bench/bench_server.py --instructions 2000   # needs valgrind
+    .venv/bin/python bench/bench_server.py --against HEAD~1     # this change against its parent
 
 The exit code is 0 whether the target is met or not (this is a report; the last lines say PASS or
 FAIL); it is 1 only when a server cannot be started or the load generator fails.
@@ -49,6 +56,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import http.client
+import os
 import platform
 import re
 import shutil
@@ -91,6 +99,7 @@ STOP_TIMEOUT = 10.0  # seconds for a server to exit after SIGTERM before it is k
 SERVERS = ("bare", "aiohttp-log", "sidecar", "sidecar-nolog")
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
 BARE_APP = textwrap.dedent(
@@ -124,6 +133,7 @@ class Server:
     argv: list[str]
     log_path: Path  # the server's stdout and stderr
     access_path: Path | None = None  # where its access lines go (None: no access log)
+    env: dict[str, str] | None = None  # its environment (None: this process's)
     proc: subprocess.Popen[bytes] | None = None
     rps: list[float] = field(default_factory=list)
     p99_ms: list[float] = field(default_factory=list)
@@ -184,8 +194,8 @@ def write_sidecar_config(directory: Path, port: int, proxy_port: int, access: bo
     return manifest, settings
 
 
-def make_servers(tmp: Path) -> list[Server]:
-    ports = free_ports(6)
+def make_servers(tmp: Path, against: str | None = None) -> list[Server]:
+    ports = free_ports(8)
     sidecar_bin = BIN / "sidecar"
     servers = [
         Server(
@@ -219,12 +229,42 @@ def make_servers(tmp: Path) -> list[Server]:
                 tmp / f"{name}.stderr" if access else None,
             )
         )
+    if against is not None:
+        source = extract_revision(against, tmp / "against-source")
+        name = f"sidecar@{against}"
+        manifest, settings = write_sidecar_config(tmp / "against", ports[6], ports[7], access=True)
+        servers.append(
+            Server(
+                name,
+                f"sidecar run from revision {against}, log.access: true",
+                ports[6],
+                [str(sidecar_bin), "run", "--manifest", str(manifest), "--config", str(settings)],
+                tmp / "against.stderr",
+                tmp / "against.stderr",
+                env={**os.environ, "PYTHONPATH": str(source)},
+            )
+        )
     return servers
+
+
+def extract_revision(revision: str, directory: Path) -> Path:
+    """``sidecar`` and ``plugins`` as of ``revision``, in ``directory`` (first on PYTHONPATH, they
+    shadow the installed ones; the console script and the other dependencies are today's)."""
+    directory.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", "--format=tar", revision, "sidecar", "plugins"],
+        capture_output=True,
+        check=False,
+    )
+    if archive.returncode != 0:
+        raise RuntimeError(f"--against {revision}: {archive.stderr.decode(errors='replace').strip()}")
+    subprocess.run(["tar", "-x", "-C", str(directory)], input=archive.stdout, check=True)
+    return directory
 
 
 def start(server: Server, cwd: Path, prefix: list[str] | None = None) -> None:
     """Start the server; ``prefix`` (``taskset -c N`` or ``valgrind ...``) execs it in the same process."""
-    server.proc = spawn([*(prefix or []), *server.argv], server.log_path, cwd)
+    server.proc = spawn([*(prefix or []), *server.argv], server.log_path, cwd, env=server.env)
 
 
 def wait_healthy(server: Server, timeout: float = START_TIMEOUT) -> None:
@@ -422,7 +462,8 @@ def cpu_ratio(name: str, servers: dict[str, Server], base: str = "bare") -> tupl
 
 def report(servers: list[Server], tool: str, duration: int, rounds: int, elapsed: float, noisy: int) -> None:
     by_name = {s.name: s for s in servers}
-    others = [n for n in ("sidecar", "sidecar-nolog", "aiohttp-log") if n in by_name]
+    against = [s.name for s in servers if s.name.startswith("sidecar@")]
+    others = [n for n in ("sidecar", "sidecar-nolog", "aiohttp-log", *against) if n in by_name]
     print()
     print(f"{HEALTH}, {tool} -c{CONNECTIONS}, {rounds} rounds x {duration}s interleaved; median of rounds")
     header = (
@@ -452,6 +493,8 @@ def report(servers: list[Server], tool: str, duration: int, rounds: int, elapsed
         print(
             ratio_line("sidecar", by_name, base="sidecar-nolog")[2] + "   <- cost of the sidecar's access log"
         )
+    for name in against:
+        print(ratio_line("sidecar", by_name, base=name)[2] + "   <- this source against that revision")
     print("ratios of CPU time per request (bare's over the server's: the throughput it predicts):")
     for name in others:
         print(cpu_ratio(name, by_name)[2])
@@ -516,6 +559,11 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated subset to load, bare always included (default: {','.join(SERVERS)})",
     )
     parser.add_argument(
+        "--against",
+        metavar="REV",
+        help="also load the sidecar as of git revision REV, side by side (e.g. HEAD~1)",
+    )
+    parser.add_argument(
         "--instructions",
         type=int,
         metavar="N",
@@ -537,7 +585,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.instructions is not None:
         with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp_name:
-            servers = [s for s in make_servers(Path(tmp_name)) if s.name in wanted]
+            try:
+                made = make_servers(Path(tmp_name), args.against)
+            except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            servers = [s for s in made if s.name in wanted or s.name.startswith("sidecar@")]
             return run_instructions(servers, Path(tmp_name), args.instructions)
 
     try:
@@ -556,8 +609,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp_name:
         tmp = Path(tmp_name)
-        servers = [s for s in make_servers(tmp) if s.name in wanted]
+        servers: list[Server] = []
         try:
+            made = make_servers(tmp, args.against)
+            servers = [s for s in made if s.name in wanted or s.name.startswith("sidecar@")]
             for s in servers:
                 start(s, tmp, server_prefix)
             for s in servers:
