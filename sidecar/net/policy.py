@@ -707,6 +707,13 @@ class EgressPolicy:
                 return rule, view
         return None, address
 
+    def named_allow_rule(self, name: str, port: int | None) -> Rule | None:
+        """The first allow rule that is exactly ``name`` (no wildcard) and permits ``port``."""
+        for _, rule in self._allow.exact.get((name,), []):
+            if rule.port_matches(port, deny=False):
+                return rule
+        return None
+
     def check_addresses(self, host: str, port: int | None, addresses: Sequence[str]) -> Decision:
         """Check ``host``, then every address it resolved to against the IP/CIDR deny rules.
 
@@ -745,9 +752,9 @@ def only_a_named_rule_allows(policy: EgressPolicy, decision: Decision, name: str
         return decision
     # The deciding rule is the earliest match, so a wildcard listed first hides a named rule after
     # it (allow: ['**', 'host:22']): look for the named rule itself. No deny rule matched already.
-    for _, rule in policy._allow.exact.get((name,), []):
-        if rule.port_matches(decision.port, deny=False):
-            return _decision(True, rule, f"by allow rule {rule.text!r}", name, decision.port)
+    rule = policy.named_allow_rule(name, decision.port)
+    if rule is not None:
+        return _decision(True, rule, f"by allow rule {rule.text!r}", name, decision.port)
     return _decision(
         False, None, f"{why}; only an allow rule naming {name!r} permits it", name, decision.port
     )
