@@ -748,10 +748,9 @@ def only_a_named_rule_allows(policy: EgressPolicy, decision: Decision, name: str
     """
     if not decision.allowed or decision.host != name:
         return decision
-    if decision.rule is not None and parse_rule(decision.rule).pattern == name:
-        return decision
-    # The deciding rule is the earliest match, so a wildcard listed first hides a named rule after
-    # it (allow: ['**', 'host:22']): look for the named rule itself. No deny rule matched already.
+    # Not just the deciding rule: it is the earliest match, so a wildcard listed first hides a named
+    # rule after it (allow: ['**', 'host:22']). No deny rule matched already. When the deciding rule
+    # is the named one, this finds that rule and makes the same decision.
     rule = policy.named_allow_rule(name, decision.port)
     if rule is not None:
         return _decision(True, rule, f"by allow rule {rule.text!r}", name, decision.port)
