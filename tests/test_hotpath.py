@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from aiohttp import web
 
 from sidecar import hotpath
 from sidecar.hotpath import UnsupportedAiohttp, aiohttp_disagreements, check_aiohttp
-from sidecar.testing import free_port
+from tests.test_example_plugin import env_with, write_configs
 
 OTHER_MATCH: Any = web.UrlMappingMatchInfo({}, None)  # type: ignore[arg-type]
 # Each public property, and what an aiohttp that moved its field would make it disagree with.
@@ -68,27 +67,13 @@ def test_sidecar_run_refuses_to_start_with_one_line_and_exit_1(tmp_path: Path) -
     (shim / "sitecustomize.py").write_text(
         "from aiohttp import web\nweb.BaseRequest.method = property(lambda self: 'GET')\n"
     )
-    port, proxy_port = free_port(), free_port()
-    (tmp_path / "enclaver.yaml").write_text(
-        textwrap.dedent(
-            f"""\
-            version: v1
-            name: probe
-            target: "probe:enclave-latest"
-            sources: {{app: "probe:latest"}}
-            egress: {{proxy_port: {proxy_port}}}
-            ingress: [{{listen_port: {port}}}]
-            """
-        )
-    )
-    (tmp_path / "sidecar.yaml").write_text(
-        f"listen_host: 127.0.0.1\nstate_dir: {tmp_path / 'state'}\n"
-        'attestation: {nsm: "off"}\naws: {imds: "off"}\nplugins: {}\n'
+    manifest, config, _, _ = write_configs(
+        tmp_path, {}, attestation={"nsm": "off"}, state_dir=str(tmp_path / "state")
     )
     result = subprocess.run(
-        [sys.executable, "-m", "sidecar", "run", "--manifest", "enclaver.yaml", "--config", "sidecar.yaml"],
+        [sys.executable, "-m", "sidecar", "run", "--manifest", str(manifest), "--config", str(config)],
         cwd=tmp_path,
-        env={"PYTHONPATH": str(shim), "PATH": "/usr/bin:/bin"},
+        env=env_with(shim),
         capture_output=True,
         text=True,
         timeout=60,
