@@ -210,7 +210,8 @@ def access_logger_class(
     id is read back from the response header the route wrapper set (``""`` for a response aiohttp
     made itself, such as a 400 for a malformed request). ``plain_paths`` are the fixed paths of the
     routes that are not sensitive (``/enclave/health``): a request whose path is one of them is
-    logged as it is without looking its route up, since that text is the route's own. With
+    logged as it is, whichever route answered it (``POST /enclave/health`` reaches the fallback),
+    since that text is a route's own. With
     ``public`` (the routes that are not sensitive), a request no route of the app answered (aiohttp's
     own 404 or 405) is logged as :data:`UNROUTED`, never as its path: fail safe.
     """
@@ -221,20 +222,26 @@ def access_logger_class(
     # The routes of the sensitive resources (a GET resource has a HEAD route too), each with the
     # pattern to log: looking up the request's route saves a property call per request.
     patterns = {route: resource.canonical for resource in sensitive for route in resource}
+    # A request routed to a fixed path (a plain resource: /enclave/health, /enclave/passenger) is
+    # logged with that path, sensitive or not (its pattern is the path): one lookup, by route.
+    fixed = {
+        route: route.resource.canonical
+        for route in (*patterns, *(public or ()))
+        if isinstance(route.resource, web.PlainResource)
+    }
 
     class JsonAccessLogger(AbstractAccessLogger):
         def log(self, request: web.BaseRequest, response: web.StreamResponse, duration: float) -> None:
-            # The path the router matched (decoded, but %2F and %25 kept): computed and cached by
-            # routing, where request.path would decode it again (~400 instructions a request).
-            path = request.rel_url.path_safe
-            if patterns and path not in plain_paths:
-                # try, not contextlib.suppress: this runs for every sensitive request, and the
-                # context manager cost 0.27 us more (bench/RESULTS.md).
-                try:
-                    route = request._match_info._route  # type: ignore[attr-defined]
-                except AttributeError:  # a request aiohttp rejected before routing (no match info)
-                    pass
-                else:
+            try:
+                route = request._match_info._route  # type: ignore[attr-defined]
+            except AttributeError:  # a request aiohttp rejected before routing (no match info)
+                route = None
+            path = fixed.get(route)
+            if path is None:
+                # The path the router matched (decoded, but %2F and %25 kept): computed and cached
+                # by routing, where request.path would decode it again (~400 instructions).
+                path = request.rel_url.path_safe
+                if route is not None and patterns and path not in plain_paths:
                     path = patterns.get(route) or (path if public is None or route in public else UNROUTED)
             # The fields behind request.method, response.status, ... (sidecar.hotpath: checked at
             # start-up; each property read would cost ~1,300 instructions).

@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 
 from sidecar import hotpath
-from sidecar.hotpath import UnsupportedAiohttp, aiohttp_disagreements, check_aiohttp
+from sidecar.hotpath import ResponseTemplate, UnsupportedAiohttp, aiohttp_disagreements, check_aiohttp
 from tests.test_example_plugin import env_with, write_configs
 
 OTHER_MATCH: Any = web.UrlMappingMatchInfo({}, None)  # type: ignore[arg-type]
@@ -87,3 +87,106 @@ def test_sidecar_run_refuses_to_start_with_one_line_and_exit_1(tmp_path: Path) -
         "(it reads them on every request); install an aiohttp whose fields agree (3.14 does)"
     ]
     assert '"listening"' not in result.stderr  # it refused before anything listened
+
+
+# ResponseTemplate. Threat: a response built from fields copied past aiohttp's constructor that
+# no longer match what the constructor builds (a field added, renamed or dropped by an upgrade)
+# would go out with wrong headers or status, or share state between two clients' responses.
+
+NOTE = web.ResponseKey("note", str)
+TEMPLATE_HEADERS = {"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-store"}
+
+
+@pytest.mark.parametrize("status", [200, 201, 404, 429, 503])
+def test_a_templated_response_is_the_constructors_response(status: int) -> None:
+    template = ResponseTemplate(TEMPLATE_HEADERS, status)
+    assert template.copies
+    for body in (b"", b"Big Bird is cleared to fly\n", bytes(range(256))):
+        direct = template.response(body)
+        built = web.Response(status=status, headers=TEMPLATE_HEADERS, body=body)
+        assert type(direct) is web.Response
+        assert vars(direct) == vars(built)
+        assert (direct.status, direct.reason, direct.body, direct.headers) == (
+            built.status,
+            built.reason,
+            built.body,
+            built.headers,
+        )
+
+
+def test_templated_responses_share_no_state() -> None:
+    # A handler (or the route wrapper, adding X-Request-Id) changes its own response only.
+    template = ResponseTemplate(TEMPLATE_HEADERS)
+    first, second = template.response(b"a"), template.response(b"b")
+    first.headers["X-Request-Id"] = "0123456789abcdef"
+    first[NOTE] = "first"
+    assert "X-Request-Id" not in second.headers and "X-Request-Id" not in template.headers
+    assert NOTE not in second and second.body == b"b"
+    assert first.headers is not second.headers
+
+
+async def test_a_templated_response_goes_over_the_wire_as_the_constructors(aiohttp_client: Any) -> None:
+    template = ResponseTemplate(TEMPLATE_HEADERS, 201)
+
+    async def direct(request: web.Request) -> web.Response:
+        return template.response(b"verdict\n")
+
+    async def built(request: web.Request) -> web.Response:
+        return web.Response(status=201, headers=TEMPLATE_HEADERS, body=b"verdict\n")
+
+    app = web.Application()
+    app.router.add_get("/direct", direct)
+    app.router.add_get("/built", built)
+    client = await aiohttp_client(app)
+    answers = []
+    for path in ("/direct", "/built"):
+        async with client.get(path) as resp:
+            headers = {k: v for k, v in resp.headers.items() if k != "Date"}
+            answers.append((resp.status, headers, await resp.read()))
+    assert answers[0] == answers[1]
+    assert answers[0][1]["Content-Length"] == "8" and answers[0][1]["Cache-Control"] == "no-store"
+
+
+def _with_extra_field(original: Any) -> Any:
+    def init(self: web.Response, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        self._trailers = []  # type: ignore[attr-defined]
+
+    return init
+
+
+def _without_field(original: Any) -> Any:
+    def init(self: web.Response, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        del self._zlib_executor
+
+    return init
+
+
+def _body_dependent(original: Any) -> Any:
+    def init(self: web.Response, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        self._compressed_body = self._body  # a field whose value now depends on the body
+
+    return init
+
+
+@pytest.mark.parametrize("change", [_with_extra_field, _without_field, _body_dependent])
+def test_a_template_that_disagrees_with_the_constructor_uses_the_constructor(
+    monkeypatch: Any, change: Any
+) -> None:
+    monkeypatch.setattr(web.Response, "__init__", change(web.Response.__init__))
+    template = ResponseTemplate(TEMPLATE_HEADERS, 404)
+    response = template.response(b"x")
+    assert not template.copies
+    assert vars(response) == vars(web.Response(status=404, headers=TEMPLATE_HEADERS, body=b"x"))
+
+
+def test_a_slotted_response_falls_back_to_the_constructor(monkeypatch: Any) -> None:
+    class Slotted:
+        __slots__ = ("_state",)
+
+    monkeypatch.setattr(hotpath, "_new_response", lambda cls: Slotted())
+    template = ResponseTemplate(TEMPLATE_HEADERS)
+    assert not template.copies
+    assert template.response(b"x").body == b"x"

@@ -58,6 +58,7 @@ class Gate:
             Route("GET", "/explode", explode),
             Route("POST", "/read", read_body),
             Route("GET", "/passenger/{name}", whoami, sensitive=True),
+            Route("GET", "/verdict", whoami, sensitive=True),
             Route("GET", "/files/{name}", whoami),
         ]
 
@@ -148,6 +149,36 @@ async def test_sensitive_route_logs_its_pattern_only(sc: Any) -> None:
     assert not any(n in raw for n in ("Big", "Bird", "Oscar", "Elmo", "q="))
     assert [line["path"] for line in lines] == ["/passenger/{name}"] * 3
     assert [line["method"] for line in lines] == ["GET", "GET", "HEAD"]
+
+
+async def test_every_kind_of_route_logs_the_path_its_rule_gives(sc: Any) -> None:
+    # The logger finds a fixed path by the request's route; the path it writes must be the one the
+    # rules give: a fixed path as it is (sensitive or not: its pattern is the path), a request for
+    # a public fixed path that another route answered (a 405) as that path, a sensitive pattern's
+    # request as the pattern, and a path no route took as the fallback's pattern.
+    sc.gate.release.set()
+    await sc.wait_started()
+    for method, path, status in (
+        ("GET", "/enclave/health?probe=1", 200),
+        ("POST", "/enclave/health", 405),
+        ("GET", "/whoami", 200),
+        ("GET", "/verdict?name=Secretname", 200),
+        ("HEAD", "/verdict", 200),
+        ("GET", "/passenger/Secretname", 200),
+        ("GET", "/nowhere/Secretname", 404),
+    ):
+        assert (await call(sc, method, path))[0] == status
+    logged = [(line["method"], line["path"], line["status"]) for line in access_lines(sc)]
+    assert logged == [
+        ("GET", "/enclave/health", 200),
+        ("POST", "/enclave/health", 405),
+        ("GET", "/whoami", 200),
+        ("GET", "/verdict", 200),
+        ("HEAD", "/verdict", 200),
+        ("GET", "/passenger/{name}", 200),
+        ("GET", "/{tail}", 404),
+    ]
+    assert "Secretname" not in sc.runtime.access_sink.stream.getvalue()
 
 
 async def test_public_path_is_logged_as_routed_with_encoded_slashes_kept(sc: Any) -> None:

@@ -41,6 +41,7 @@ from plugins.no_fly_list.normalize import MAX_NAME_CHARS, normalize
 from plugins.no_fly_list.ratelimit import RateLimiter, client_key, retry_after
 from plugins.no_fly_list.source import SourceError, content_id, fetch
 from sidecar.context import PluginContext, ServiceNotConfigured
+from sidecar.hotpath import ResponseTemplate
 from sidecar.logs import event, iso_ms
 from sidecar.routes import Listener, Route
 from sidecar.server import JSON_HEADERS as JSON_ERROR_HEADERS
@@ -67,9 +68,12 @@ def _headers(content_type: str) -> CIMultiDictProxy[str]:
     )
 
 
-# Response copies the headers it is given: one shared read-only set per kind is built once.
+# Response copies the headers it is given: one shared read-only set per kind is built once. A
+# verdict is built from a template of its kind (half the cost of web.Response: sidecar.hotpath).
 TEXT_HEADERS: Final = _headers("text/plain; charset=utf-8")
 JSON_HEADERS: Final = _headers("application/json")
+TEXT_VERDICT: Final = ResponseTemplate(TEXT_HEADERS)
+JSON_VERDICT: Final = ResponseTemplate(JSON_HEADERS)
 
 # C0 and C1 controls and U+2028/U+2029 (a name is echoed in a text/plain answer: a line break,
 # including the two that str.splitlines() and some viewers break at, could forge a second verdict
@@ -528,8 +532,8 @@ class NoFlyService:
         accept = request.headers.get(hdrs.ACCEPT)
         if accept is not None and wants_json(accept):
             body = json.dumps({"name": name, "cleared": not on_list}).encode()
-            return web.Response(body=body, headers=JSON_HEADERS)
-        return web.Response(body=name.encode() + (DENIED if on_list else CLEARED), headers=TEXT_HEADERS)
+            return JSON_VERDICT.response(body)
+        return TEXT_VERDICT.response(name.encode() + (DENIED if on_list else CLEARED))
 
     async def handle_passengers(self, request: web.Request) -> web.Response:
         if request.content_type != "application/json":
@@ -560,7 +564,7 @@ class NoFlyService:
         self.metrics.checks += len(names)
         self.metrics.denied += denied
         results = [{"name": n, "cleared": not on_list} for n, on_list in zip(names, verdicts, strict=True)]
-        return web.Response(body=json.dumps({"results": results}).encode(), headers=JSON_HEADERS)
+        return JSON_VERDICT.response(json.dumps({"results": results}).encode())
 
 
 def _open_and_index(envelope: Envelope, answer: dict[str, Any]) -> NameIndex:
