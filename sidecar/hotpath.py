@@ -14,8 +14,8 @@ same check against the installed aiohttp.
 
 Building a response is the other cost: ``web.Response(body=..., headers=...)`` runs ~7,000
 instructions (keyword arguments through ``type.__call__`` and ``super().__init__``, two property
-setters), about 3.5% of a health check. :class:`ResponseTemplate` builds one with aiohttp's own
-constructor once and hands out copies of it; it checks itself and falls back to the constructor.
+setters), about 3.5% of a health check. :class:`ResponseTemplate` runs aiohttp's constructor once
+and sets the same fields on each new response; it checks itself and falls back to the constructor.
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ def check_aiohttp() -> None:
 
 
 _PROBE_BODY: Final = b"probe"
+_new_response = web.Response.__new__
 
 
 class ResponseTemplate:
@@ -132,6 +133,3 @@ class ResponseTemplate:
             return type(direct) is type(built) and vars(direct) == vars(built)
         except (AttributeError, TypeError):  # a slotted Response: no such field, or no vars()
             return False
-
-
-_new_response = web.Response.__new__

@@ -211,9 +211,9 @@ def access_logger_class(
     made itself, such as a 400 for a malformed request). ``plain_paths`` are the fixed paths of the
     routes that are not sensitive (``/enclave/health``): a request whose path is one of them is
     logged as it is, whichever route answered it (``POST /enclave/health`` reaches the fallback),
-    since that text is a route's own. With
-    ``public`` (the routes that are not sensitive), a request no route of the app answered (aiohttp's
-    own 404 or 405) is logged as :data:`UNROUTED`, never as its path: fail safe.
+    since that text is a route's own. With ``public`` (the routes that are not sensitive), a
+    request no route of the app answered (aiohttp's own 404 or 405) is logged as :data:`UNROUTED`,
+    never as its path: fail safe.
     """
     head = f'"level":"info","logger":"sidecar.access","event":"access","listener":{json.dumps(listener)},'
     now = time.time

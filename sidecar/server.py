@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import pluggy
 from aiohttp import HttpVersion11, hdrs, web
 from aiohttp.streams import EmptyStreamReader
@@ -333,6 +334,8 @@ class Runtime:
     async def start(self) -> None:
         """Open every listener, then start the plugins in the background."""
         check_aiohttp()  # before anything listens: every request reads what it checks
+        if not HEALTH_ANSWER.copies:  # still correct, but each response costs the constructor again
+            event(log, logging.WARNING, "response_template_off", aiohttp=aiohttp.__version__)
         primary = self.listeners[0]
         try:
             # Secondary listeners first, so the primary's cleanup_ctx (plugin start-up) runs last.

@@ -8,6 +8,7 @@ the field; the sidecar then refuses to start.
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -190,3 +191,29 @@ def test_a_slotted_response_falls_back_to_the_constructor(monkeypatch: Any) -> N
     template = ResponseTemplate(TEMPLATE_HEADERS)
     assert not template.copies
     assert template.response(b"x").body == b"x"
+
+
+async def test_a_template_off_is_a_warning_and_health_still_answers(
+    sidecar_factory: Any, monkeypatch: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An operator learns at start-up that responses cost the constructor again (an aiohttp
+    # upgrade); nothing else changes.
+    from sidecar import server
+
+    monkeypatch.setattr(server.HEALTH_ANSWER, "_copies", False)
+    with caplog.at_level(logging.WARNING, logger="sidecar.server"):
+        harness = await sidecar_factory()
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        "response_template_off"
+    ]
+    async with harness.session.get(harness.url("/enclave/health")) as resp:
+        assert resp.status == 200 and await resp.read() == b'{"status":"ok"}'
+        assert resp.headers["Content-Type"] == "application/json" and resp.headers["X-Request-Id"]
+
+
+async def test_no_warning_when_the_template_copies(
+    sidecar_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="sidecar.server"):
+        await sidecar_factory()
+    assert "response_template_off" not in [r.getMessage() for r in caplog.records]
