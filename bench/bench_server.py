@@ -194,7 +194,8 @@ def write_sidecar_config(directory: Path, port: int, proxy_port: int, access: bo
     return manifest, settings
 
 
-def make_servers(tmp: Path, against: str | None = None) -> list[Server]:
+def make_servers(tmp: Path, wanted: set[str], against: str | None = None) -> list[Server]:
+    """The servers named in ``wanted``, and ``sidecar@against`` when ``against`` is given."""
     ports = free_ports(8)
     sidecar_bin = BIN / "sidecar"
     servers = [
@@ -229,6 +230,7 @@ def make_servers(tmp: Path, against: str | None = None) -> list[Server]:
                 tmp / f"{name}.stderr" if access else None,
             )
         )
+    servers = [s for s in servers if s.name in wanted]
     if against is not None:
         source = extract_revision(against, tmp / "against-source")
         name = f"sidecar@{against}"
@@ -586,11 +588,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.instructions is not None:
         with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp_name:
             try:
-                made = make_servers(Path(tmp_name), args.against)
+                servers = make_servers(Path(tmp_name), wanted, args.against)
             except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 1
-            servers = [s for s in made if s.name in wanted or s.name.startswith("sidecar@")]
             return run_instructions(servers, Path(tmp_name), args.instructions)
 
     try:
@@ -611,8 +612,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp_name)
         servers: list[Server] = []
         try:
-            made = make_servers(tmp, args.against)
-            servers = [s for s in made if s.name in wanted or s.name.startswith("sidecar@")]
+            servers = make_servers(tmp, wanted, args.against)
             for s in servers:
                 start(s, tmp, server_prefix)
             for s in servers:
