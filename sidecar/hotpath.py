@@ -30,6 +30,7 @@ from aiohttp.test_utils import make_mocked_request  # aiohttp's own way to build
 from multidict import CIMultiDict, CIMultiDictProxy
 
 PROBE_STATUS: Final = 299
+PROBE_BODY: Final = b"probe"
 PROBE_KEY: Final = web.RequestKey("hotpath_probe", str)
 
 
@@ -45,7 +46,7 @@ def aiohttp_disagreements() -> list[str]:
         if read != public:
             problems.add(field)
 
-    response = web.Response(status=PROBE_STATUS, body=b"probe", headers={"X-Probe": "1"})
+    response = web.Response(status=PROBE_STATUS, body=PROBE_BODY, headers={"X-Probe": "1"})
     agree("StreamResponse._status", getattr(response, "_status", None), response.status)
     agree("StreamResponse._body_length", getattr(response, "_body_length", None), response.body_length)
     agree("StreamResponse._headers", getattr(response, "_headers", None) is response.headers, True)
@@ -74,7 +75,6 @@ def check_aiohttp() -> None:
         )
 
 
-_PROBE_BODY: Final = b"probe"
 _new_response = web.Response.__new__
 
 
@@ -129,7 +129,7 @@ class ResponseTemplate:
 
     def _agrees(self) -> bool:
         try:
-            direct, built = self.response(_PROBE_BODY), self._construct(_PROBE_BODY)
+            direct, built = self.response(PROBE_BODY), self._construct(PROBE_BODY)
             return type(direct) is type(built) and vars(direct) == vars(built)
         except (AttributeError, TypeError):  # a slotted Response: no such field, or no vars()
             return False

@@ -220,7 +220,7 @@ def access_logger_class(
     records = sink.records
     append = records.append
     # The routes of the sensitive resources (a GET resource has a HEAD route too), each with the
-    # pattern to log: looking up the request's route saves a property call per request.
+    # pattern to log in place of the request's path.
     patterns = {route: resource.canonical for resource in sensitive for route in resource}
     # A request routed to a fixed path (a plain resource: /enclave/health, /enclave/passenger) is
     # logged with that path, sensitive or not (its pattern is the path): one lookup, by route.
