@@ -234,24 +234,22 @@ async def test_api_listener_binds_loopback_only(sidecar_factory: Any) -> None:
     assert harness.runtime.address(ingress).startswith("0.0.0.0:")
 
 
-async def test_malformed_http_gets_400_not_a_crash(sc: Any) -> None:
-    # The server shares this event loop: talk to it with asyncio streams, not a blocking socket.
-    reader, writer = await asyncio.open_connection("127.0.0.1", sc.runtime.bound_port(8001))
-    writer.write(b"GARBAGE\x00 / HTTP/1.1\r\n\r\n")
-    reply = await asyncio.wait_for(reader.read(4096), 5)
-    writer.close()
-    assert reply.split(b" ", 2)[1] == b"400"
-    assert b"Invalid method" in reply
-    async with sc.session.get(sc.url("/enclave/health")) as resp:
-        assert resp.status == 200  # the server is still fine
-
-
 async def raw_exchange(sc: Any, request: bytes) -> bytes:
+    """Send ``request`` as bytes; the first answer (the server shares this event loop: asyncio
+    streams, not a blocking socket)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", sc.runtime.bound_port(8001))
     writer.write(request)
     reply = await asyncio.wait_for(reader.read(4096), 5)
     writer.close()
     return reply
+
+
+async def test_malformed_http_gets_400_not_a_crash(sc: Any) -> None:
+    reply = await raw_exchange(sc, b"GARBAGE\x00 / HTTP/1.1\r\n\r\n")
+    assert reply.split(b" ", 2)[1] == b"400"
+    assert b"Invalid method" in reply
+    async with sc.session.get(sc.url("/enclave/health")) as resp:
+        assert resp.status == 200  # the server is still fine
 
 
 async def test_unknown_expectation_is_a_json_417_with_request_id(sc: Any) -> None:

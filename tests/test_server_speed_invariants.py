@@ -27,6 +27,7 @@ from sidecar import Route, hookimpl
 from sidecar.context import PluginContext
 from sidecar.logs import AccessLogSink, AccessRecord
 from sidecar.server import REQUEST_ID, request_ids
+from tests.test_server import raw_exchange
 
 HEX16 = re.compile(r"[0-9a-f]{16}")
 FIELDS = ["ts", "level", "logger", "event", "listener", "method", "path", "status", "bytes_sent", "us"]
@@ -201,10 +202,7 @@ async def test_access_line_fields_are_what_was_sent(sc: Any) -> None:
 
 async def test_malformed_request_is_logged_without_an_id(sc: Any) -> None:
     # aiohttp answers a malformed request itself; the access log must still write a valid line.
-    reader, writer = await asyncio.open_connection("127.0.0.1", sc.runtime.bound_port(8001))
-    writer.write(b"GARBAGE\x00 / HTTP/1.1\r\n\r\n")
-    await asyncio.wait_for(reader.read(4096), 5)
-    writer.close()
+    await raw_exchange(sc, b"GARBAGE\x00 / HTTP/1.1\r\n\r\n")
     await asyncio.sleep(0.05)
     lines = access_lines(sc)
     assert lines and lines[-1]["status"] == 400 and lines[-1]["request_id"] == ""
