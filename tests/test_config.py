@@ -420,6 +420,9 @@ def test_numbers_that_no_comparison_or_message_can_handle(
 ) -> None:
     error, path = settings_error(tmp_path, text)
     assert_error(error, path, key, problem)
+
+
+def test_a_float_field_refuses_nan_whatever_its_bounds() -> None:
     with pytest.raises(SchemaError, match="must be a finite number"):
         Float(min=0.001).check(float("nan"), "rate_limit.per_second")
 

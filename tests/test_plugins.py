@@ -15,7 +15,7 @@ from sidecar.config import ConfigError
 from sidecar.plugins import PluginError, build_plugin_manager, hooks_of
 from sidecar.schema import Int, Map, Str
 from sidecar.server import Status
-from sidecar.testing import PluginStartupFailed
+from sidecar.testing import PluginStartupFailed, run_sidecar
 from tests.conftest import install_plugin_dist
 
 
@@ -289,8 +289,6 @@ async def test_ready_is_503_until_startup_finishes_and_routes_are_gated(sidecar_
 
 
 async def test_cleanups_run_in_reverse_order(tmp_path: Path) -> None:
-    from sidecar.testing import run_sidecar
-
     a, b = Slow(), Slow()
     shared: list[str] = []
     a.events = b.events = shared
@@ -360,8 +358,6 @@ async def test_lifespan_that_never_yields_fails(sidecar_factory: Any) -> None:
 
 
 async def test_later_plugins_still_clean_up_after_an_earlier_failure(tmp_path: Path) -> None:
-    from sidecar.testing import run_sidecar
-
     good = Slow()
     good.release.set()
     async with run_sidecar(
@@ -375,8 +371,6 @@ async def test_later_plugins_still_clean_up_after_an_earlier_failure(tmp_path: P
 async def test_a_clean_up_leaking_cancelled_error_does_not_abort_the_shutdown(tmp_path: Path) -> None:
     # Threat: a clean-up awaiting a task it had just cancelled raised CancelledError out of stop():
     # earlier plugins (the core ones too) never cleaned up, and SIGTERM no longer exited 0.
-    from sidecar.testing import run_sidecar
-
     class Sloppy:
         @hookimpl
         async def lifespan(self) -> AsyncIterator[None]:
@@ -445,8 +439,6 @@ async def test_a_clean_up_that_hangs_is_abandoned_after_shutdown_timeout(
 ) -> None:
     # Threat: a clean-up waiting on a peer that never answers keeps SIGTERM from ever exiting, and
     # the plugins before it never clean up.
-    from sidecar.testing import run_sidecar
-
     class Stuck:
         @hookimpl
         async def lifespan(self) -> AsyncIterator[None]:
